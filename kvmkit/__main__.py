@@ -1,0 +1,5 @@
+import sys
+
+from kvmkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Architecture-specific CPU and platform setup."""

@@ -1,0 +1,141 @@
+"""Build kvmkit's guest programs from source with the system's gcc and binutils.
+
+Binaries are never committed: each is assembled on first use and cached under
+$KVMKIT_CACHE_DIR (default: $XDG_CACHE_HOME/kvmkit or ~/.cache/kvmkit), keyed by
+a hash of its sources, so an edited source is rebuilt automatically.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmkit.errors import KvmkitError
+
+SRC_DIR = Path(__file__).parent / "src"
+SHARED_SOURCES = ("kvmkit.h", "lib.S")
+TOOLS = ("gcc", "ld", "objcopy")
+
+LINKER_SCRIPT = """\
+ENTRY(_start)
+SECTIONS {{
+  . = {load:#x};
+  .text : {{ *(.text.start) *(.text .text.*) *(.rodata .rodata.*) *(.data .data.*) }}
+  .bss : {{ *(.bss .bss.*) *(COMMON) }}
+  /DISCARD/ : {{ *(.note*) *(.comment) *(.eh_frame*) }}
+}}
+"""
+
+
+class GuestBuildError(KvmkitError):
+    pass
+
+
+@dataclass(frozen=True)
+class GuestProgram:
+    """A guest program: its source, the CPU mode it starts in, where it loads."""
+
+    name: str
+    source: Path
+    mode: str  # "long" or "real"
+    load_addr: int
+    summary: str
+
+    def build(self) -> bytes:
+        return build_image(self.source, self.load_addr)
+
+
+LONG_LOAD = 0x100000
+REAL_LOAD = 0x1000
+
+BUILTIN: dict[str, GuestProgram] = {
+    g.name: g
+    for g in (
+        GuestProgram(
+            "hello",
+            SRC_DIR / "hello.S",
+            "long",
+            LONG_LOAD,
+            "the default: banner, pattern over all free RAM, exit 0",
+        ),
+        GuestProgram(
+            "memtest",
+            SRC_DIR / "memtest.S",
+            "long",
+            LONG_LOAD,
+            "each vCPU tests its share of RAM in parallel and reports",
+        ),
+        GuestProgram(
+            "hello16",
+            SRC_DIR / "hello16.S",
+            "real",
+            REAL_LOAD,
+            "real mode: prints a line and exits 0",
+        ),
+        GuestProgram(
+            "exitloop",
+            SRC_DIR / "exitloop.S",
+            "long",
+            LONG_LOAD,
+            "writes the POST port --guest-arg times (one exit each), then exits 0",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("KVMKIT_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvmkit"
+
+
+def _source_key(source: Path, load_addr: int) -> str:
+    h = hashlib.sha256(f"v1 {load_addr:#x}\n".encode())
+    for path in (source, *(SRC_DIR / s for s in SHARED_SOURCES)):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_image(source: Path, load_addr: int) -> bytes:
+    """The flat binary for an assembly source (GNU as, may #include kvmkit.h and
+    lib.S), linked to run at `load_addr`. Cached; rebuilt when a source changes."""
+    source = Path(source)
+    if not source.is_file():
+        raise GuestBuildError(f"guest source {source} does not exist")
+    out = cache_dir() / "guests" / f"{source.stem}-{_source_key(source, load_addr)}.bin"
+    if out.is_file():
+        return out.read_bytes()
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        raise GuestBuildError(
+            f"building guest {source.stem!r} needs {', '.join(missing)}:"
+            " install them (apt-get install gcc binutils)"
+        )
+    with tempfile.TemporaryDirectory(prefix="kvmkit-guest-") as tmp:
+        t = Path(tmp)
+        (t / "guest.ld").write_text(LINKER_SCRIPT.format(load=load_addr))
+        steps = [
+            ["gcc", "-c", "-x", "assembler-with-cpp", f"-I{SRC_DIR}", f"-I{source.parent}",
+             "-o", str(t / "guest.o"), str(source)],
+            ["ld", "-nostdlib", "-static", "--build-id=none", "-T", str(t / "guest.ld"),
+             "-o", str(t / "guest.elf"), str(t / "guest.o")],
+            ["objcopy", "-O", "binary", str(t / "guest.elf"), str(t / "guest.bin")],
+        ]
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                detail = (proc.stderr or proc.stdout).strip().splitlines()
+                raise GuestBuildError(
+                    f"building guest {source.stem!r} failed at {cmd[0]}: "
+                    + (" | ".join(detail[:6]) or f"exit {proc.returncode}")
+                )
+        image = (t / "guest.bin").read_bytes()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.with_suffix(f".tmp{os.getpid()}")
+        staging.write_bytes(image)
+        os.replace(staging, out)
+    return image

@@ -1,0 +1,25 @@
+"""The one place kvmkit calls ioctl on a KVM fd."""
+
+import ctypes
+
+from kvmkit.kvm.errors import KvmError
+from kvmkit.libc import raw_ioctl
+from kvmkit.uapi.ioctls import ioctl_name
+
+Arg = int | ctypes.Structure | ctypes.Array | ctypes._Pointer | None
+
+
+def kvm_ioctl(fd: int, request: int, arg: Arg = None, *, hint: str = "") -> int:
+    """ioctl(fd, request, arg) returning its non-negative result, or raising `KvmError`.
+
+    `arg` is an int (passed by value) or a ctypes object (passed by address).
+    """
+    if arg is None:
+        ret = raw_ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(0))
+    elif isinstance(arg, int):
+        ret = raw_ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(arg))
+    else:
+        ret = raw_ioctl(fd, ctypes.c_ulong(request), ctypes.byref(arg))
+    if ret < 0:
+        raise KvmError(ioctl_name(request), ctypes.get_errno(), hint)
+    return ret

@@ -1,0 +1,131 @@
+"""`Kvm`: the /dev/kvm system fd."""
+
+import ctypes
+import errno
+import os
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from kvmkit.kvm.errors import KvmError, KvmUnavailableError, open_hint
+from kvmkit.kvm.ioctl import kvm_ioctl
+from kvmkit.uapi import ioctls
+from kvmkit.uapi.caps import Cap
+from kvmkit.uapi.cpu import kvm_cpuid2, kvm_cpuid_entry2, kvm_msr_list
+
+DEFAULT_PATH = "/dev/kvm"
+PVM_MODULE_PATH = "/sys/module/kvm_pvm"
+
+if TYPE_CHECKING:
+    from kvmkit.kvm.vm import Vm
+
+CapName = Cap | str | int
+
+
+def cap_number(cap: CapName) -> int:
+    """A capability as its number; accepts `Cap.X`, "X", "KVM_CAP_X" or the number."""
+    if isinstance(cap, str):
+        key = cap.upper().removeprefix("KVM_CAP_")
+        try:
+            return Cap[key].value
+        except KeyError:
+            raise ValueError(f"unknown KVM capability {cap!r}") from None
+    return int(cap)
+
+
+class Kvm:
+    """The KVM system fd: capabilities, supported CPUID and MSRs, and VM creation."""
+
+    def __init__(self, path: str = DEFAULT_PATH) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmUnavailableError(f"open {path}", e.errno or 0, open_hint(path, e.errno or 0))
+        try:
+            version = kvm_ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
+            if version != ioctls.KVM_API_VERSION:
+                raise KvmUnavailableError(
+                    "KVM_GET_API_VERSION",
+                    errno.EPROTO,
+                    f"{path} speaks KVM API {version}, kvmkit needs {ioctls.KVM_API_VERSION}",
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    # -- lifecycle --------------------------------------------------------
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- queries ----------------------------------------------------------
+    def check_extension(self, cap: CapName) -> int:
+        return kvm_ioctl(self.fd, ioctls.KVM_CHECK_EXTENSION, cap_number(cap))
+
+    def capabilities(self) -> dict[str, int]:
+        """Every capability kvmkit knows, by name, with the host's answer."""
+        return {c.name: self.check_extension(c) for c in Cap}
+
+    @property
+    def vcpu_mmap_size(self) -> int:
+        return kvm_ioctl(self.fd, ioctls.KVM_GET_VCPU_MMAP_SIZE)
+
+    @property
+    def is_pvm(self) -> bool:
+        """True when /dev/kvm is served by the PVM backend (kvm_pvm module)."""
+        return os.path.isdir(PVM_MODULE_PATH)
+
+    def supported_cpuid(self) -> list[kvm_cpuid_entry2]:
+        return _read_cpuid(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID)
+
+    def msr_index_list(self) -> list[int]:
+        count = 64
+        while True:
+            header = kvm_msr_list(nmsrs=count)
+            buf = (ctypes.c_uint8 * (ctypes.sizeof(header) + 4 * count))()
+            ctypes.memmove(buf, ctypes.byref(header), ctypes.sizeof(header))
+            try:
+                kvm_ioctl(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST, buf)
+            except KvmError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                count = kvm_msr_list.from_buffer(buf).nmsrs
+                continue
+            n = kvm_msr_list.from_buffer(buf).nmsrs
+            return list((ctypes.c_uint32 * n).from_buffer(buf, ctypes.sizeof(header)))
+
+    # -- children ---------------------------------------------------------
+    def create_vm(self, vm_type: int = 0) -> "Vm":
+        from kvmkit.kvm.vm import Vm
+
+        return Vm(self, kvm_ioctl(self.fd, ioctls.KVM_CREATE_VM, vm_type))
+
+
+def _read_cpuid(fd: int, request: int) -> list[kvm_cpuid_entry2]:
+    nent = 64
+    while True:
+        buf = (ctypes.c_uint8 * (ctypes.sizeof(kvm_cpuid2) + nent * ctypes.sizeof(kvm_cpuid_entry2)))()
+        kvm_cpuid2.from_buffer(buf).nent = nent
+        try:
+            kvm_ioctl(fd, request, buf)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and nent < 4096:
+                nent *= 2
+                continue
+            raise
+        n = kvm_cpuid2.from_buffer(buf).nent
+        entries = (kvm_cpuid_entry2 * n).from_buffer(buf, ctypes.sizeof(kvm_cpuid2))
+        return [kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
+

@@ -1,0 +1,207 @@
+"""`Vcpu`: a KVM vCPU fd, its kvm_run mapping, and every piece of its state."""
+
+import ctypes
+import errno
+import os
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+from kvmkit import libc
+from kvmkit.kvm.errors import KvmError
+from kvmkit.kvm.ioctl import kvm_ioctl
+from kvmkit.kvm.system import _read_cpuid
+from kvmkit.uapi import ioctls
+from kvmkit.uapi.cpu import (
+    kvm_cpuid2,
+    kvm_cpuid_entry2,
+    kvm_debugregs,
+    kvm_fpu,
+    kvm_guest_debug,
+    kvm_lapic_state,
+    kvm_mp_state,
+    kvm_msr_entry,
+    kvm_msrs,
+    kvm_regs,
+    kvm_sregs,
+    kvm_sregs2,
+    kvm_translation,
+    kvm_vcpu_events,
+    kvm_xcrs,
+    kvm_xsave,
+)
+from kvmkit.uapi.run import kvm_run
+
+if TYPE_CHECKING:
+    from kvmkit.kvm.vm import Vm
+
+S = TypeVar("S", bound=ctypes.Structure)
+
+
+class Vcpu:
+    """A vCPU fd with its kvm_run page mapped.
+
+    `run_struct` is the live `kvm_run`; `run_page` is a writable memoryview of the
+    whole mapping (kvm_run, the PIO data page, the coalesced MMIO ring).
+    """
+
+    def __init__(self, vm: "Vm", index: int, fd: int, mmap_size: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.mmap_size = mmap_size
+        try:
+            self.run_addr = libc.mmap(mmap_size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd)
+        except OSError as e:
+            raise KvmError("mmap(vcpu fd)", e.errno or 0, "cannot map kvm_run") from None
+        self.run_struct = kvm_run.from_address(self.run_addr)
+        self.run_page = memoryview((ctypes.c_char * mmap_size).from_address(self.run_addr)).cast("B")
+
+    # -- lifecycle --------------------------------------------------------
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.run_page.release()
+        libc.munmap(self.run_addr, self.mmap_size)
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> "Vcpu":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- running ----------------------------------------------------------
+    def run(self) -> int:
+        """KVM_RUN once; returns the exit reason. EINTR (a kick) returns KVM_EXIT_INTR."""
+        ret = libc.raw_ioctl(self.fd, ctypes.c_ulong(ioctls.KVM_RUN), ctypes.c_ulong(0))
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                return 10  # ExitReason.INTR
+            raise KvmError("KVM_RUN", err)
+        return self.run_struct.exit_reason
+
+    # -- state ------------------------------------------------------------
+    def _get(self, request: int, cls: type[S]) -> S:
+        value = cls()
+        kvm_ioctl(self.fd, request, value)
+        return value
+
+    def get_regs(self) -> kvm_regs:
+        return self._get(ioctls.KVM_GET_REGS, kvm_regs)
+
+    def set_regs(self, regs: kvm_regs) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> kvm_sregs:
+        return self._get(ioctls.KVM_GET_SREGS, kvm_sregs)
+
+    def set_sregs(self, sregs: kvm_sregs) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
+
+    def get_sregs2(self) -> kvm_sregs2:
+        return self._get(ioctls.KVM_GET_SREGS2, kvm_sregs2)
+
+    def set_sregs2(self, sregs: kvm_sregs2) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_SREGS2, sregs)
+
+    def get_fpu(self) -> kvm_fpu:
+        return self._get(ioctls.KVM_GET_FPU, kvm_fpu)
+
+    def set_fpu(self, fpu: kvm_fpu) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
+
+    def get_xsave(self) -> kvm_xsave:
+        return self._get(ioctls.KVM_GET_XSAVE, kvm_xsave)
+
+    def set_xsave(self, xsave: kvm_xsave) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self) -> kvm_xcrs:
+        return self._get(ioctls.KVM_GET_XCRS, kvm_xcrs)
+
+    def set_xcrs(self, xcrs: kvm_xcrs) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_XCRS, xcrs)
+
+    def get_lapic(self) -> kvm_lapic_state:
+        return self._get(ioctls.KVM_GET_LAPIC, kvm_lapic_state)
+
+    def set_lapic(self, lapic: kvm_lapic_state) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_LAPIC, lapic)
+
+    def get_vcpu_events(self) -> kvm_vcpu_events:
+        return self._get(ioctls.KVM_GET_VCPU_EVENTS, kvm_vcpu_events)
+
+    def set_vcpu_events(self, events: kvm_vcpu_events) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, events)
+
+    def get_mp_state(self) -> int:
+        return self._get(ioctls.KVM_GET_MP_STATE, kvm_mp_state).mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_MP_STATE, kvm_mp_state(state))
+
+    def get_debugregs(self) -> kvm_debugregs:
+        return self._get(ioctls.KVM_GET_DEBUGREGS, kvm_debugregs)
+
+    def set_debugregs(self, regs: kvm_debugregs) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_SET_DEBUGREGS, regs)
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        dbg = kvm_guest_debug(control=control)
+        for i, value in enumerate(debugreg or []):
+            dbg.arch.debugreg[i] = value
+        kvm_ioctl(self.fd, ioctls.KVM_SET_GUEST_DEBUG, dbg)
+
+    def nmi(self) -> None:
+        kvm_ioctl(self.fd, ioctls.KVM_NMI)
+
+    def translate(self, linear_address: int) -> kvm_translation:
+        t = kvm_translation(linear_address=linear_address)
+        kvm_ioctl(self.fd, ioctls.KVM_TRANSLATE, t)
+        return t
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read MSRs; raises `KvmError` naming the first index KVM refused."""
+        buf, entries = _msr_buffer(indices)
+        done = kvm_ioctl(self.fd, ioctls.KVM_GET_MSRS, buf)
+        if done < len(indices):
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[done]:#x} is not readable")
+        return {e.index: e.data for e in entries}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        indices = list(values)
+        buf, entries = _msr_buffer(indices)
+        for e in entries:
+            e.data = values[e.index]
+        done = kvm_ioctl(self.fd, ioctls.KVM_SET_MSRS, buf)
+        if done < len(indices):
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {indices[done]:#x} was refused")
+
+    def set_cpuid(self, entries: list[kvm_cpuid_entry2]) -> None:
+        size = ctypes.sizeof(kvm_cpuid2) + len(entries) * ctypes.sizeof(kvm_cpuid_entry2)
+        buf = (ctypes.c_uint8 * size)()
+        kvm_cpuid2.from_buffer(buf).nent = len(entries)
+        array = (kvm_cpuid_entry2 * len(entries)).from_buffer(buf, ctypes.sizeof(kvm_cpuid2))
+        for i, e in enumerate(entries):
+            array[i] = e
+        kvm_ioctl(self.fd, ioctls.KVM_SET_CPUID2, buf)
+
+    def get_cpuid(self) -> list[kvm_cpuid_entry2]:
+        return _read_cpuid(self.fd, ioctls.KVM_GET_CPUID2)
+
+
+def _msr_buffer(indices: list[int]) -> tuple[ctypes.Array, ctypes.Array]:
+    size = ctypes.sizeof(kvm_msrs) + len(indices) * ctypes.sizeof(kvm_msr_entry)
+    buf = (ctypes.c_uint8 * size)()
+    kvm_msrs.from_buffer(buf).nmsrs = len(indices)
+    entries = (kvm_msr_entry * len(indices)).from_buffer(buf, ctypes.sizeof(kvm_msrs))
+    for e, index in zip(entries, indices, strict=True):
+        e.index = index
+    return buf, entries

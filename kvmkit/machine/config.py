@@ -1,0 +1,143 @@
+"""`MachineConfig`: what to build, validated into one clear line per problem."""
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmkit.errors import ConfigError
+from kvmkit.guests.build import BUILTIN, LONG_LOAD, REAL_LOAD
+from kvmkit.memory.backend import BACKEND_NAMES
+from kvmkit.memory.layout import MIB, PAGE_SIZE
+
+DEFAULT_MEMORY = 256 * MIB
+MIN_MEMORY = 2 * MIB
+MAX_MEMORY = 512 << 30  # what one identity-mapping PDPT covers
+MODES = ("long", "real")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """ "512M", "1G", "2GiB", "4096" -> bytes. Raises ConfigError naming the fix."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(
+            f"memory size {text!r} is not a size: use a whole number with an optional"
+            " K, M, G or T suffix, e.g. 512M or 2G"
+        )
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_int(text: str | int, what: str) -> int:
+    """An integer in decimal or 0x hex."""
+    if isinstance(text, int):
+        return text
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a number: use decimal or 0x-prefixed hex") from None
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """A machine to build. `guest` is a built-in name or a path to a flat binary."""
+
+    memory_bytes: int = DEFAULT_MEMORY
+    vcpus: int = 1
+    memory_backend: str = "auto"
+    guest: str = "hello"
+    entry: int | None = None
+    mode: str | None = None
+    console: str | None = None  # None: stdout; "none": discarded; else a file path
+    guest_arg: int = 0
+
+    @property
+    def builtin(self) -> bool:
+        return self.guest in BUILTIN
+
+    @property
+    def cpu_mode(self) -> str:
+        if self.builtin:
+            return BUILTIN[self.guest].mode
+        return self.mode or "long"
+
+    @property
+    def load_addr(self) -> int:
+        if self.builtin:
+            return BUILTIN[self.guest].load_addr
+        if self.entry is not None:
+            return self.entry
+        return REAL_LOAD if self.cpu_mode == "real" else LONG_LOAD
+
+    def validate(self, max_vcpus: int | None = None) -> None:
+        """Raise ConfigError for the first problem found. `max_vcpus` is the host's
+        KVM_CAP_MAX_VCPUS when known."""
+        if self.memory_bytes < MIN_MEMORY:
+            raise ConfigError(
+                f"memory {format_size(self.memory_bytes)} is too small: kvmkit needs at least"
+                f" {format_size(MIN_MEMORY)}"
+            )
+        if self.memory_bytes > MAX_MEMORY:
+            raise ConfigError(
+                f"memory {format_size(self.memory_bytes)} is above kvmkit's limit of"
+                f" {format_size(MAX_MEMORY)}"
+            )
+        if self.memory_bytes % PAGE_SIZE:
+            raise ConfigError(f"memory {self.memory_bytes} bytes is not a multiple of 4 KiB")
+        if self.vcpus < 1:
+            raise ConfigError(f"vCPUs must be at least 1, not {self.vcpus}")
+        if max_vcpus is not None and self.vcpus > max_vcpus:
+            raise ConfigError(
+                f"{self.vcpus} vCPUs is above this host's KVM_CAP_MAX_VCPUS ({max_vcpus})"
+            )
+        if self.memory_backend not in ("auto", *BACKEND_NAMES):
+            raise ConfigError(
+                f"unknown memory backend {self.memory_backend!r}: choose auto, "
+                + " or ".join(BACKEND_NAMES)
+            )
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"unknown CPU mode {self.mode!r}: choose long or real")
+        if self.builtin:
+            program = BUILTIN[self.guest]
+            if self.mode is not None and self.mode != program.mode:
+                raise ConfigError(
+                    f"built-in guest {self.guest!r} runs in {program.mode} mode, not {self.mode}"
+                )
+            if self.entry is not None:
+                raise ConfigError(
+                    f"--entry applies to guest files; built-in {self.guest!r} loads at"
+                    f" {program.load_addr:#x}"
+                )
+        else:
+            self._validate_guest_file()
+        if self.entry is not None and not 0 <= self.entry < self.memory_bytes:
+            raise ConfigError(
+                f"entry {self.entry:#x} is outside guest RAM (0x0-{self.memory_bytes:#x})"
+            )
+        if self.console not in (None, "none"):
+            parent = Path(self.console).resolve().parent
+            if not parent.is_dir():
+                raise ConfigError(f"console file {self.console}: directory {parent} does not exist")
+
+    def _validate_guest_file(self) -> None:
+        path = Path(self.guest)
+        builtins = ", ".join(BUILTIN)
+        if not path.exists():
+            raise ConfigError(
+                f"guest {self.guest!r} is neither a built-in guest ({builtins}) nor an existing"
+                " file"
+            )
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"cannot read guest file {self.guest!r}: it must be a readable file")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"guest file {self.guest!r} is empty")
