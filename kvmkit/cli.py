@@ -43,8 +43,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvmkit", description=DESCRIPTION,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="kvmkit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"kvmkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -56,30 +57,59 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--guest", default="hello", metavar="NAME|PATH",
-                     help="a built-in guest (below) or a flat binary file (default: hello)")
-    run.add_argument("--memory", "-m", default=str(DEFAULT_MEMORY >> 20) + "M", metavar="SIZE",
-                     help="guest RAM, e.g. 512M or 2G (default: %(default)s)")
-    run.add_argument("--vcpus", "-c", default="1", metavar="N",
-                     help="number of vCPUs (default: 1)")
-    run.add_argument("--memory-backend", default="auto",
-                     choices=["auto", "guest_memfd", "memfd"],
-                     help="where guest RAM lives; auto picks guest_memfd when the host can"
-                     " map it, else memfd, and says which (default: auto)")
-    run.add_argument("--entry", metavar="ADDR",
-                     help="load address and entry point of a guest file (default: 0x100000 in"
-                     " long mode, 0x1000 in real mode)")
-    run.add_argument("--mode", choices=["long", "real"],
-                     help="CPU mode a guest file starts in (default: long)")
-    run.add_argument("--console", metavar="PATH",
-                     help="write the console to PATH instead of stdout; 'none' discards it")
-    run.add_argument("--guest-arg", default="0", metavar="N",
-                     help="a number passed to the guest in boot info (exitloop: iterations)")
-    run.add_argument("--quiet", "-q", action="store_true",
-                     help="do not print the summary (errors are still printed)")
+    run.add_argument(
+        "--guest",
+        default="hello",
+        metavar="NAME|PATH",
+        help="a built-in guest (below) or a flat binary file (default: hello)",
+    )
+    run.add_argument(
+        "--memory",
+        "-m",
+        default=str(DEFAULT_MEMORY >> 20) + "M",
+        metavar="SIZE",
+        help="guest RAM, e.g. 512M or 2G (default: %(default)s)",
+    )
+    run.add_argument("--vcpus", "-c", default="1", metavar="N", help="number of vCPUs (default: 1)")
+    run.add_argument(
+        "--memory-backend",
+        default="auto",
+        choices=["auto", "guest_memfd", "memfd"],
+        help="where guest RAM lives; auto picks guest_memfd when the host can"
+        " map it, else memfd, and says which (default: auto)",
+    )
+    run.add_argument(
+        "--entry",
+        metavar="ADDR",
+        help="load address and entry point of a guest file (default: 0x100000 in"
+        " long mode, 0x1000 in real mode)",
+    )
+    run.add_argument(
+        "--mode", choices=["long", "real"], help="CPU mode a guest file starts in (default: long)"
+    )
+    run.add_argument(
+        "--console",
+        metavar="PATH",
+        help="write the console to PATH instead of stdout; 'none' discards it",
+    )
+    run.add_argument(
+        "--guest-arg",
+        default="0",
+        metavar="N",
+        help="a number passed to the guest in boot info (exitloop: iterations)",
+    )
+    run.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="do not print the summary (errors are still printed)",
+    )
 
-    sub.add_parser("guests", help="list the built-in guest programs",
-                   description="List the built-in guest programs kvmkit can run.")
+    sub.add_parser(
+        "guests",
+        help="list the built-in guest programs",
+        description="List the built-in guest programs kvmkit can run.",
+    )
     return parser
 
 

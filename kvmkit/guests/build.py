@@ -119,10 +119,28 @@ def build_image(source: Path, load_addr: int) -> bytes:
         t = Path(tmp)
         (t / "guest.ld").write_text(LINKER_SCRIPT.format(load=load_addr))
         steps = [
-            ["gcc", "-c", "-x", "assembler-with-cpp", f"-I{SRC_DIR}", f"-I{source.parent}",
-             "-o", str(t / "guest.o"), str(source)],
-            ["ld", "-nostdlib", "-static", "--build-id=none", "-T", str(t / "guest.ld"),
-             "-o", str(t / "guest.elf"), str(t / "guest.o")],
+            [
+                "gcc",
+                "-c",
+                "-x",
+                "assembler-with-cpp",
+                f"-I{SRC_DIR}",
+                f"-I{source.parent}",
+                "-o",
+                str(t / "guest.o"),
+                str(source),
+            ],
+            [
+                "ld",
+                "-nostdlib",
+                "-static",
+                "--build-id=none",
+                "-T",
+                str(t / "guest.ld"),
+                "-o",
+                str(t / "guest.elf"),
+                str(t / "guest.o"),
+            ],
             ["objcopy", "-O", "binary", str(t / "guest.elf"), str(t / "guest.bin")],
         ]
         for cmd in steps:

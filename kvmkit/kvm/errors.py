@@ -51,8 +51,14 @@ def open_hint(path: str, errno: int) -> str:
 
 
 _HINTS: dict[tuple[str, int], str] = {
-    ("KVM_CREATE_VM", errno_mod.EINVAL): "this host does not support that VM type (see KVM_CAP_VM_TYPES)",
-    ("KVM_CREATE_VCPU", errno_mod.EINVAL): "the vCPU id is above KVM_CAP_MAX_VCPU_ID or already in use",
+    (
+        "KVM_CREATE_VM",
+        errno_mod.EINVAL,
+    ): "this host does not support that VM type (see KVM_CAP_VM_TYPES)",
+    (
+        "KVM_CREATE_VCPU",
+        errno_mod.EINVAL,
+    ): "the vCPU id is above KVM_CAP_MAX_VCPU_ID or already in use",
     ("KVM_CREATE_VCPU", errno_mod.EEXIST): "a vCPU with that id already exists",
     ("KVM_SET_USER_MEMORY_REGION2", errno_mod.EEXIST): "the range overlaps an existing memory slot",
     ("KVM_SET_USER_MEMORY_REGION", errno_mod.EEXIST): "the range overlaps an existing memory slot",

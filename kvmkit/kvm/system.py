@@ -40,7 +40,8 @@ class Kvm:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise KvmUnavailableError(f"open {path}", e.errno or 0, open_hint(path, e.errno or 0))
+            code = e.errno or 0
+            raise KvmUnavailableError(f"open {path}", code, open_hint(path, code)) from None
         try:
             version = kvm_ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
             if version != ioctls.KVM_API_VERSION:
@@ -116,7 +117,9 @@ class Kvm:
 def _read_cpuid(fd: int, request: int) -> list[kvm_cpuid_entry2]:
     nent = 64
     while True:
-        buf = (ctypes.c_uint8 * (ctypes.sizeof(kvm_cpuid2) + nent * ctypes.sizeof(kvm_cpuid_entry2)))()
+        buf = (
+            ctypes.c_uint8 * (ctypes.sizeof(kvm_cpuid2) + nent * ctypes.sizeof(kvm_cpuid_entry2))
+        )()
         kvm_cpuid2.from_buffer(buf).nent = nent
         try:
             kvm_ioctl(fd, request, buf)
@@ -128,4 +131,3 @@ def _read_cpuid(fd: int, request: int) -> list[kvm_cpuid_entry2]:
         n = kvm_cpuid2.from_buffer(buf).nent
         entries = (kvm_cpuid_entry2 * n).from_buffer(buf, ctypes.sizeof(kvm_cpuid2))
         return [kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
-

@@ -50,11 +50,15 @@ class Vcpu:
         self.fd = fd
         self.mmap_size = mmap_size
         try:
-            self.run_addr = libc.mmap(mmap_size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd)
+            self.run_addr = libc.mmap(
+                mmap_size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd
+            )
         except OSError as e:
             raise KvmError("mmap(vcpu fd)", e.errno or 0, "cannot map kvm_run") from None
         self.run_struct = kvm_run.from_address(self.run_addr)
-        self.run_page = memoryview((ctypes.c_char * mmap_size).from_address(self.run_addr)).cast("B")
+        self.run_page = memoryview((ctypes.c_char * mmap_size).from_address(self.run_addr)).cast(
+            "B"
+        )
 
     # -- lifecycle --------------------------------------------------------
     def close(self) -> None:

@@ -242,9 +242,7 @@ class Vm:
         )
         if datamatch is not None:
             flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
-        request = kvm_ioeventfd(
-            datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags
-        )
+        request = kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         kvm_ioctl(self.fd, ioctls.KVM_IOEVENTFD, request)
 
     def set_pmu_event_filter(

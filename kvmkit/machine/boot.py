@@ -60,7 +60,9 @@ def load_long_mode(
     if stacks_base < page_align_up(image_end) or load_addr < PAGE_SIZE:
         need = page_align_up(image_end) + nr_vcpus * STACK_SIZE + tables + PAGE_SIZE
         if load_addr < PAGE_SIZE:
-            raise ConfigError(f"entry {load_addr:#x} is in page 0: load the guest at 0x1000 or above")
+            raise ConfigError(
+                f"entry {load_addr:#x} is in page 0: load the guest at 0x1000 or above"
+            )
         raise ConfigError(
             f"guest image ({len(image)} bytes at {load_addr:#x}) does not fit below kvmkit's boot"
             f" area: give the guest at least {need >> 20 or 1} MiB more or load it lower"
@@ -70,8 +72,9 @@ def load_long_mode(
     free = [(s, e) for s, e in free if e - s >= PAGE_SIZE][:BI_MAX_RANGES]
 
     memory.write(load_addr, image)
-    info = BootInfo(ram_bytes=memory.size_bytes, nr_vcpus=nr_vcpus, free_ranges=free, arg=arg,
-                    flags=flags)
+    info = BootInfo(
+        ram_bytes=memory.size_bytes, nr_vcpus=nr_vcpus, free_ranges=free, arg=arg, flags=flags
+    )
     memory.write(boot_page, info.pack())
     memory.write(boot_page + GDT_OFFSET, GDT)
     memory.write(pt_base, identity_page_tables(pt_base, top_gpa))
@@ -97,9 +100,7 @@ def load_real_mode(memory: GuestMemory, image: bytes, load_addr: int) -> BootPla
     return BootPlan(mode="real", entry=load_addr, image_size=len(image))
 
 
-def setup_vcpu(
-    vcpu: Vcpu, plan: BootPlan, supported_cpuid: list[kvm_cpuid_entry2]
-) -> None:
+def setup_vcpu(vcpu: Vcpu, plan: BootPlan, supported_cpuid: list[kvm_cpuid_entry2]) -> None:
     """CPUID, segment/control registers and general registers for the plan's mode."""
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, vcpu.index))
     if plan.mode == "long":

@@ -38,7 +38,9 @@ def parse_int(text: str | int, what: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a number: use decimal or 0x-prefixed hex") from None
+        raise ConfigError(
+            f"{what} {text!r} is not a number: use decimal or 0x-prefixed hex"
+        ) from None
 
 
 def format_size(n: int) -> str:

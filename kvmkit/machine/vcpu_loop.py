@@ -11,8 +11,8 @@ from kvmkit.devices.bus import Bus, Mapping
 from kvmkit.kvm import KvmError, Vcpu
 from kvmkit.machine.result import EXIT_GUEST_CRASH, EXIT_HOST_ERROR, EXIT_OK
 from kvmkit.uapi import ioctls
-from kvmkit.uapi.exits import InternalErrorSuberror, SystemEventType
 from kvmkit.uapi.exits import ExitReason as X
+from kvmkit.uapi.exits import InternalErrorSuberror, SystemEventType
 
 if TYPE_CHECKING:
     from kvmkit.machine.machine import Machine
@@ -41,9 +41,7 @@ def run_vcpu(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
     except KvmError as e:
         machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: {e}")
     except Exception as e:  # a device or kvmkit bug: report it, never hang the machine
-        machine.stop(
-            EXIT_HOST_ERROR, f"vCPU {vcpu.index}: internal error: {type(e).__name__}: {e}"
-        )
+        machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: internal error: {type(e).__name__}: {e}")
 
 
 def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:

@@ -142,4 +142,3 @@ def choose_backend(vm: Vm, requested: str = "auto") -> BackendChoice:
     if shortfall:
         return BackendChoice(MemfdBackend, f"fallback: guest_memfd unusable ({shortfall})")
     return BackendChoice(GuestMemfdBackend, "default")
-

@@ -330,4 +330,3 @@ class kvm_msr_filter(ctypes.Structure):
         ("flags", c_uint32),
         ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES),
     ]
-

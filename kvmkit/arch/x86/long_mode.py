@@ -65,9 +65,7 @@ def identity_page_tables(base_gpa: int, top_gpa: int) -> bytes:
     pdpt = b"".join(
         struct.pack("<Q", (pdpt_gpa + PAGE * (1 + i)) | TABLE_FLAGS) for i in range(n_pd)
     ).ljust(PAGE, b"\0")
-    pds = b"".join(
-        struct.pack("<Q", (i * (2 << 20)) | LEAF_2M_FLAGS) for i in range(512 * n_pd)
-    )
+    pds = b"".join(struct.pack("<Q", (i * (2 << 20)) | LEAF_2M_FLAGS) for i in range(512 * n_pd))
     return pml4 + pdpt + pds
 
 

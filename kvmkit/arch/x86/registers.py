@@ -12,9 +12,7 @@ def _seg(name: str, s: kvm_segment) -> str:
 def format_registers(regs: kvm_regs, sregs: kvm_sregs | None = None) -> str:
     lines = []
     for i in range(0, len(_GPRS), 4):
-        lines.append(
-            "  " + "  ".join(f"{n:>3}={getattr(regs, n):016x}" for n in _GPRS[i : i + 4])
-        )
+        lines.append("  " + "  ".join(f"{n:>3}={getattr(regs, n):016x}" for n in _GPRS[i : i + 4]))
     lines.append(f"  rip={regs.rip:016x}  rflags={regs.rflags:08x}")
     if sregs is not None:
         lines.append(

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+
+def kvm_unavailable_reason() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_guest_cache(tmp_path_factory):
+    """Build guests into a per-session cache so tests never depend on a stale one."""
+    if "KVMKIT_CACHE_DIR" not in os.environ:
+        os.environ["KVMKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvmkit-cache"))
+    yield

@@ -1,0 +1,54 @@
+"""Tests here run against the real /dev/kvm with kvmkit's own guests.
+
+Where /dev/kvm is missing they are skipped with the reason (shown by -ra).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvmkit.guests.build import build_image
+from tests.conftest import kvm_unavailable_reason
+
+GUESTS = Path(__file__).parent / "guests"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = kvm_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    here = str(Path(__file__).parent)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kvm():
+    from kvmkit.kvm import Kvm
+
+    with Kvm() as k:
+        yield k
+
+
+@pytest.fixture
+def vm(kvm):
+    with kvm.create_vm() as v:
+        yield v
+
+
+def build_test_guest(name: str, load_addr: int = 0x100000) -> bytes:
+    """Build one of the test-only guests in tests/kvm/guests/."""
+    return build_image(GUESTS / f"{name}.S", load_addr)
+
+
+def write_guest(tmp_path: Path, name: str, load_addr: int = 0x100000) -> str:
+    path = tmp_path / f"{name}.bin"
+    path.write_bytes(build_test_guest(name, load_addr))
+    return str(path)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}

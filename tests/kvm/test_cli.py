@@ -1,0 +1,106 @@
+"""`kvmkit` as a user runs it: exit status, console on stdout, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import write_guest
+
+
+def kvmkit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmkit", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_run_default_prints_console_and_summary():
+    p = kvmkit("run", "--memory", "32M")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("hello from kvmkit: 32 MiB, 1 vCPU(s)\n")
+    assert "guest exited with status 0" in p.stderr
+    assert "on guest_memfd (default)" in p.stderr
+    assert "wall time" in p.stderr and "exits" in p.stderr and "vCPUs        1" in p.stderr
+
+
+def test_run_memtest_two_vcpus_memfd():
+    p = kvmkit(
+        "run", "--guest", "memtest", "--memory", "64M", "--vcpus", "2", "--memory-backend", "memfd"
+    )
+    assert p.returncode == 0, p.stderr
+    assert "memtest: all 2 vCPUs passed" in p.stdout
+    assert "on memfd (requested)" in p.stderr
+
+
+def test_run_user_flat_binary_long_mode(tmp_path):
+    guest = write_guest(tmp_path, "status", load_addr=0x1000)
+    p = kvmkit(
+        "run", "--guest", guest, "--entry", "0x1000", "--mode", "long", "--guest-arg", "7", "-q"
+    )
+    assert p.returncode == 7, p.stderr
+
+
+def test_run_user_flat_binary_real_mode(tmp_path):
+    from kvmkit.guests.build import BUILTIN
+
+    path = tmp_path / "rm.bin"
+    path.write_bytes(BUILTIN["hello16"].build())
+    p = kvmkit("run", "--guest", str(path), "--entry", "0x1000", "--mode", "real", "-q")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "hello from real mode\n"
+
+
+def test_console_to_file(tmp_path):
+    log = tmp_path / "console.log"
+    p = kvmkit("run", "--memory", "16M", "--console", str(log), "-q")
+    assert p.returncode == 0 and p.stdout == ""
+    assert log.read_text().endswith("hello: bye\n")
+
+
+def test_crash_reports_registers_and_status_3(tmp_path):
+    p = kvmkit("run", "--guest", write_guest(tmp_path, "triple_fault"), "--memory", "16M")
+    assert p.returncode == 3
+    assert "triple fault" in p.stderr and "rip=" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--memory", "lots"], "memory size 'lots' is not a size"),
+        (["--vcpus", "100000"], "above this host's KVM_CAP_MAX_VCPUS"),
+        (["--vcpus", "two"], "vCPU count 'two' is not a number"),
+        (["--guest", "/nonexistent/guest.bin"], "neither a built-in guest"),
+        (["--guest", "/"], "cannot read guest file '/'"),
+        (["--memory-backend", "tmpfs"], "invalid choice"),
+        (["--memory", "1M"], "too small"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message):
+    p = kvmkit("run", *args)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("kvmkit: error: ")
+
+
+def test_entry_outside_ram(tmp_path):
+    guest = write_guest(tmp_path, "status", load_addr=0x1000)
+    p = kvmkit("run", "--guest", guest, "--entry", "0x40000000", "--memory", "64M")
+    assert p.returncode == 2
+    assert "entry 0x40000000 is outside guest RAM" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_help_teaches():
+    p = kvmkit("run", "--help")
+    assert p.returncode == 0
+    for text in ("memtest", "--memory-backend", "exit status", "0x3f8", "examples:"):
+        assert text in p.stdout
+    assert kvmkit("--help").returncode == 0
+    assert kvmkit().returncode == 2
+
+
+def test_guests_lists_builtins():
+    p = kvmkit("guests")
+    assert p.returncode == 0 and "hello" in p.stdout and "memtest" in p.stdout
