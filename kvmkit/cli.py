@@ -8,8 +8,13 @@ from kvmkit import __version__
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.guests.build import BUILTIN
 from kvmkit.machine import Machine, MachineConfig, RunResult
-from kvmkit.machine.config import DEFAULT_MEMORY, format_size, parse_int, parse_size
+from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
 from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_USAGE
+from kvmkit.memory.backend import BACKEND_NAMES
+from kvmkit.memory.hugepages import HUGEPAGE_SIZES
+from kvmkit.memory.layout import format_size
+from kvmkit.memory.numa import MODES as NUMA_MODES
+from kvmkit.memory.numa import NumaPolicy, parse_nodes
 
 DESCRIPTION = """\
 kvmkit: a guest-first VMM and KVM test bench, on /dev/kvm directly.
@@ -32,7 +37,10 @@ examples:
   kvmkit run
   kvmkit run --guest memtest --memory 512M --vcpus 2
   kvmkit run --guest ./my_guest.bin --entry 0x1000 --mode long
-  kvmkit run --memory-backend memfd --console /tmp/console.log"""
+  kvmkit run --memory-backend memfd --console /tmp/console.log
+  kvmkit run --memory-backend hugetlb --hugepage-size 2M --prealloc
+  kvmkit run --numa-node 0 --numa-policy bind
+  kvmkit run --hide-guest-memory        # no guest RAM left mapped in kvmkit"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,9 +82,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--memory-backend",
         default="auto",
-        choices=["auto", "guest_memfd", "memfd"],
-        help="where guest RAM lives; auto picks guest_memfd when the host can"
+        choices=["auto", *BACKEND_NAMES],
+        help="where guest RAM lives: guest_memfd, memfd, hugetlb (memfd with MFD_HUGETLB)"
+        " or thp (memfd advised MADV_HUGEPAGE); auto picks guest_memfd when the host can"
         " map it, else memfd, and says which (default: auto)",
+    )
+    run.add_argument(
+        "--hugepage-size",
+        default="2M",
+        choices=list(HUGEPAGE_SIZES),
+        help="page size for --memory-backend hugetlb (default: 2M)",
+    )
+    run.add_argument(
+        "--prealloc",
+        action="store_true",
+        help="allocate all guest RAM before the guest starts (fallocate)",
+    )
+    run.add_argument(
+        "--numa-node",
+        metavar="NODES",
+        help="host NUMA node(s) for guest RAM, e.g. 0, 0,1 or 0-3 (mbind before first touch)",
+    )
+    run.add_argument(
+        "--numa-policy",
+        default="bind",
+        choices=list(NUMA_MODES),
+        help="how --numa-node applies (default: bind)",
+    )
+    run.add_argument(
+        "--hide-guest-memory",
+        nargs="?",
+        const="unmap",
+        default="off",
+        choices=["unmap", "direct-map"],
+        metavar="unmap|direct-map",
+        help="after loading the guest, unmap all guest RAM from kvmkit except windows devices"
+        " declare; =direct-map also takes it out of the host kernel's direct map (needs"
+        " GUEST_MEMFD_FLAG_NO_DIRECT_MAP in KVM_CAP_GUEST_MEMFD_FLAGS)",
     )
     run.add_argument(
         "--entry",
@@ -123,6 +165,12 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         mode=args.mode,
         console=args.console,
         guest_arg=parse_int(args.guest_arg, "guest argument"),
+        hugepage_size=HUGEPAGE_SIZES[args.hugepage_size],
+        prealloc=args.prealloc,
+        numa=None
+        if args.numa_node is None
+        else NumaPolicy(args.numa_policy, parse_nodes(args.numa_node)),
+        hide=args.hide_guest_memory,
     )
 
 
@@ -133,9 +181,11 @@ def format_summary(r: RunResult) -> str:
         f"  wall time    {r.wall_s:.3f} s",
         f"  exits        {r.total_exits} ({exits or 'none'})",
         f"  memory       {format_size(r.memory_bytes)} on {r.backend} ({r.backend_reason}),"
-        f" {format_size(r.host_mapped_bytes)} mapped in the host",
+        f" {format_size(r.populated_bytes)} populated",
+        f"  exposure     {r.exposure}",
         f"  vCPUs        {r.vcpus}",
         f"  console      {r.console_bytes} bytes",
+        *(f"  note         {note}" for note in r.memory_notes),
     ]
     return "\n".join(lines)
 

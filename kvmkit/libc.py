@@ -78,3 +78,87 @@ def madvise(addr: int, length: int, advice: int) -> None:
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         raise errno_error("fallocate")
+
+
+_mincore = _libc.mincore
+_mincore.restype = ctypes.c_int
+_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+
+SYS_mbind = 237
+SYS_set_mempolicy = 238
+SYS_get_mempolicy = 239
+MPOL_DEFAULT = 0
+MPOL_PREFERRED = 1
+MPOL_BIND = 2
+MPOL_INTERLEAVE = 3
+MPOL_F_ADDR = 1 << 1
+NODEMASK_BITS = 1024
+
+
+def mincore_resident_pages(addr: int, length: int, page_size: int = 4096) -> int:
+    """How many pages of [addr, addr+length) are resident (for a shared file mapping:
+    how many of the file's pages exist)."""
+    pages = (length + page_size - 1) // page_size
+    vec = (ctypes.c_ubyte * pages)()
+    if _mincore(addr, length, vec) != 0:
+        raise errno_error("mincore")
+    return pages - bytes(vec).count(0)  # only bit 0 is defined; the rest read as zero
+
+
+def _nodemask(nodes: tuple[int, ...]) -> ctypes.Array:
+    mask = (ctypes.c_ulong * (NODEMASK_BITS // 64))()
+    for n in nodes:
+        mask[n // 64] |= 1 << (n % 64)
+    return mask
+
+
+def mbind(addr: int, length: int, mode: int, nodes: tuple[int, ...]) -> None:
+    mask = _nodemask(nodes)
+    ret = _syscall(
+        ctypes.c_long(SYS_mbind),
+        ctypes.c_void_p(addr),
+        ctypes.c_ulong(length),
+        ctypes.c_int(mode),
+        mask if nodes else None,
+        ctypes.c_ulong(NODEMASK_BITS + 1),
+        ctypes.c_uint(0),
+    )
+    if ret != 0:
+        raise errno_error("mbind")
+
+
+def set_mempolicy(mode: int, nodes: tuple[int, ...]) -> None:
+    """The calling thread's memory policy (MPOL_DEFAULT with no nodes resets it)."""
+    mask = _nodemask(nodes)
+    ret = _syscall(
+        ctypes.c_long(SYS_set_mempolicy),
+        ctypes.c_int(mode),
+        mask if nodes else None,
+        ctypes.c_ulong(NODEMASK_BITS + 1),
+    )
+    if ret != 0:
+        raise errno_error("set_mempolicy")
+
+
+def get_mempolicy_at(addr: int) -> tuple[int, tuple[int, ...]]:
+    """The policy mode and node list governing the mapping at `addr`."""
+    mode = ctypes.c_int(-1)
+    mask = _nodemask(())
+    ret = _syscall(
+        ctypes.c_long(SYS_get_mempolicy),
+        ctypes.byref(mode),
+        mask,
+        ctypes.c_ulong(NODEMASK_BITS + 1),
+        ctypes.c_void_p(addr),
+        ctypes.c_ulong(MPOL_F_ADDR),
+    )
+    if ret != 0:
+        raise errno_error("get_mempolicy")
+    nodes = tuple(i for i in range(NODEMASK_BITS) if mask[i // 64] >> (i % 64) & 1)
+    return mode.value, nodes

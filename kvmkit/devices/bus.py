@@ -8,7 +8,12 @@ from kvmkit.errors import KvmkitError
 
 
 class Device(Protocol):
-    """A bus client. `offset` is relative to the start of the range it was added at."""
+    """A bus client. `offset` is relative to the start of the range it was added at.
+
+    A device that reads or writes guest RAM itself (DMA, virtqueues) also defines
+    `shared_windows() -> list[tuple[int, int]]`: the (gpa, size) ranges it needs
+    mapped in the host when guest memory is hidden. Keep them as small as possible.
+    """
 
     name: str
 

@@ -28,10 +28,14 @@ class KvmUnavailableError(KvmError):
 
 
 class KvmUnsupportedError(KvmError):
-    """The host's KVM lacks a capability kvmkit was asked to use."""
+    """The host's KVM lacks something kvmkit was asked to use. `str()` is "what: why"."""
 
     def __init__(self, what: str, hint: str) -> None:
         super().__init__(what, errno_mod.EOPNOTSUPP, hint)
+        self.args = (f"{what}: {hint}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def open_hint(path: str, errno: int) -> str:

@@ -8,12 +8,15 @@ from pathlib import Path
 from kvmkit.errors import ConfigError
 from kvmkit.guests.build import BUILTIN, LONG_LOAD, REAL_LOAD
 from kvmkit.memory.backend import BACKEND_NAMES
-from kvmkit.memory.layout import MIB, PAGE_SIZE
+from kvmkit.memory.hugepages import HUGEPAGE_SIZES
+from kvmkit.memory.layout import MIB, PAGE_SIZE, format_size
+from kvmkit.memory.numa import NumaPolicy
 
 DEFAULT_MEMORY = 256 * MIB
 MIN_MEMORY = 2 * MIB
 MAX_MEMORY = 512 << 30  # what one identity-mapping PDPT covers
 MODES = ("long", "real")
+HIDE_MODES = ("off", "unmap", "direct-map")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -43,13 +46,6 @@ def parse_int(text: str | int, what: str) -> int:
         ) from None
 
 
-def format_size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} bytes"
-
-
 @dataclass(frozen=True)
 class MachineConfig:
     """A machine to build. `guest` is a built-in name or a path to a flat binary."""
@@ -62,6 +58,10 @@ class MachineConfig:
     mode: str | None = None
     console: str | None = None  # None: stdout; "none": discarded; else a file path
     guest_arg: int = 0
+    hugepage_size: int = 2 << 20  # for the hugetlb backend
+    prealloc: bool = False
+    numa: NumaPolicy | None = None
+    hide: str = "off"  # off, unmap (no host mapping of guest RAM), direct-map (and no direct map)
 
     @property
     def builtin(self) -> bool:
@@ -107,6 +107,20 @@ class MachineConfig:
                 f"unknown memory backend {self.memory_backend!r}: choose auto, "
                 + " or ".join(BACKEND_NAMES)
             )
+        if self.hugepage_size not in HUGEPAGE_SIZES.values():
+            raise ConfigError(
+                f"hugepage size {format_size(self.hugepage_size)} is not one of"
+                f" {', '.join(HUGEPAGE_SIZES)}"
+            )
+        if self.hide not in HIDE_MODES:
+            raise ConfigError(f"unknown hide mode {self.hide!r}: choose {', '.join(HIDE_MODES)}")
+        if self.hide != "off" and self.memory_backend not in ("auto", "guest_memfd"):
+            raise ConfigError(
+                f"--hide-guest-memory needs the guest_memfd backend: {self.memory_backend} memory"
+                " is reached through the host mapping"
+            )
+        if self.numa is not None:
+            self.numa.validate()
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown CPU mode {self.mode!r}: choose long or real")
         if self.builtin:

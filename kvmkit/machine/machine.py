@@ -14,9 +14,10 @@ from kvmkit.devices.post import POST_PORT
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
 from kvmkit.guests.build import BUILTIN
-from kvmkit.kvm import Kvm, Vcpu, Vm
+from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
+from kvmkit.machine.probes import guest_memfd_runs_unmapped
 from kvmkit.machine.result import (
     EXIT_HOST_ERROR,
     EXIT_INTERRUPTED,
@@ -68,7 +69,15 @@ class Machine:
         config.validate(max_vcpus=self.kvm.check_extension(Cap.MAX_VCPUS))
         image = self._guest_image()
         self.vm = self.kvm.create_vm()
-        self.memory = GuestMemory(self.vm, config.memory_bytes, config.memory_backend)
+        self.memory = GuestMemory(
+            self.vm,
+            config.memory_bytes,
+            config.memory_backend,
+            hugepage_size=config.hugepage_size,
+            numa=config.numa,
+            prealloc=config.prealloc,
+            no_direct_map=config.hide == "direct-map",
+        )
         if config.cpu_mode == "long":
             flags = BOOT_FLAG_PVM_HOST if self.kvm.is_pvm else 0
             self.plan: BootPlan = load_long_mode(
@@ -86,11 +95,37 @@ class Machine:
         self.pio_bus.add(POST_PORT, 1, self.post)
         self.pio_bus.add(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, self.debug_exit)
 
+        if config.hide != "off":
+            self._hide_guest_memory()
+
         supported = self.kvm.supported_cpuid()
         for i in range(config.vcpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
             setup_vcpu(vcpu, self.plan, supported)
+
+    def _hide_guest_memory(self) -> None:
+        """Unmap guest RAM from this process, keeping only windows devices declare."""
+        assert self.kvm is not None and self.memory is not None
+        probe = guest_memfd_runs_unmapped()
+        if not probe.ok:
+            why = (
+                "; on a PVM host KVM reaches guest memory through the host mapping"
+                if self.kvm.is_pvm
+                else ""
+            )
+            raise KvmUnsupportedError(
+                "--hide-guest-memory",
+                "this host's KVM cannot run a guest from guest_memfd without a host mapping"
+                f" (measured: {probe.detail}){why}",
+            )
+        keep = []
+        for bus in (self.pio_bus, self.mmio_bus):
+            for mapping in bus.mappings():
+                declared = getattr(mapping.device, "shared_windows", None)
+                for gpa, size in declared() if declared else []:
+                    keep.append((gpa, size, mapping.device.name))
+        self.memory.hide(keep)
 
     def _guest_image(self) -> bytes:
         if self.config.builtin:
@@ -160,6 +195,9 @@ class Machine:
         r.backend = self.memory.backend_name
         r.backend_reason = self.memory.choice.reason
         r.host_mapped_bytes = self.memory.host_mapped_bytes
+        r.populated_bytes = self.memory.populated_bytes()
+        r.exposure = self.memory.exposure_report()
+        r.memory_notes = list(self.memory.notes)
         r.console_bytes = self.serial.transmitted
         return r
 

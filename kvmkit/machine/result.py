@@ -25,6 +25,9 @@ class RunResult:
     backend_reason: str = ""
     host_mapped_bytes: int = 0
     console_bytes: int = 0
+    populated_bytes: int = 0
+    exposure: str = ""
+    memory_notes: list[str] = field(default_factory=list)
 
     @property
     def total_exits(self) -> int:

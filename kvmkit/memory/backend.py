@@ -1,79 +1,85 @@
-"""Where guest RAM lives: one host file, mapped once, bound to KVM memory slots.
+"""Where guest RAM lives: one host file per machine, bound to KVM memory slots.
 
-`GuestMemfdBackend` (the default) keeps RAM in a guest_memfd created with
-MMAP|INIT_SHARED; `MemfdBackend` uses a plain memfd. `choose_backend` picks one
-from what the host offers and says why.
+- `guest_memfd` (default): KVM_CREATE_GUEST_MEMFD with MMAP|INIT_SHARED.
+- `memfd`: a plain shmem memfd, where a host cannot map guest_memfd.
+- `hugetlb`: a memfd with MFD_HUGETLB (2 MiB or 1 GiB pages from the hugetlb pool).
+- `thp`: a memfd whose mapping is advised MADV_HUGEPAGE (shmem transparent hugepages).
+
+A backend owns the file; `GuestMemory` owns every host mapping of it.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmkit import libc
 from kvmkit.errors import KvmkitError
 from kvmkit.kvm import KvmUnsupportedError, Vm
+from kvmkit.kvm.vm import describe_gmem_flags
+from kvmkit.memory.hugepages import check_pool, shmem_thp_mode, size_label
+from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.memory import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     KVM_MEM_GUEST_MEMFD,
 )
 
-BACKEND_NAMES = ("guest_memfd", "memfd")
+BACKEND_NAMES = ("guest_memfd", "memfd", "hugetlb", "thp")
 GMEM_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+# Flags whose meaning the 6.18 uAPI (plus the direct-map series kvmkit follows) settles.
+KNOWN_GMEM_FLAGS = GMEM_FLAGS | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+# No guest_memfd hugepage flag has a settled value yet: the proposals reuse bit 2.
+# When one lands in the uAPI, set it here; kvmkit then uses it when the capability offers it.
+GUEST_MEMFD_HUGEPAGE_FLAG: int | None = None
 
 
 class Backend:
-    """A file holding guest RAM, mapped whole into the host at `host_addr`."""
+    """A file holding all guest RAM. `page_size` is its allocation unit: discards and
+    the memory size must be multiples of it."""
 
     name: ClassVar[str]
+    page_size: int = PAGE_SIZE
+    map_flags: int = libc.MAP_NORESERVE
+    # Can KVM run the guest with no host mapping of this file? (guest_memfd only)
+    can_hide: ClassVar[bool] = False
 
     def __init__(self, fd: int, size_bytes: int) -> None:
         self.fd = fd
         self.size_bytes = size_bytes
-        self.host_addr = 0
-        try:
-            self.host_addr = libc.mmap(
-                size_bytes,
-                libc.PROT_READ | libc.PROT_WRITE,
-                libc.MAP_SHARED | libc.MAP_NORESERVE,
-                fd,
-            )
-        except OSError as e:
-            os.close(fd)
-            raise KvmkitError(
-                f"cannot map {size_bytes >> 20} MiB of {self.name} guest memory into the host: "
-                f"{os.strerror(e.errno or 0)}"
-            ) from None
+        self.notes: list[str] = []
 
-    def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int) -> None:
+    def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int, uaddr: int) -> None:
         raise NotImplementedError
 
+    def after_map(self, addr: int, size: int) -> None:
+        """Called once the VMM's main mapping exists, before anything touches it."""
+
     def close(self) -> None:
-        if self.host_addr:
-            libc.munmap(self.host_addr, self.size_bytes)
-            self.host_addr = 0
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
 class GuestMemfdBackend(Backend):
-    """guest_memfd with GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED."""
-
     name = "guest_memfd"
+    can_hide = True
 
-    def __init__(self, vm: Vm, size_bytes: int) -> None:
-        super().__init__(vm.create_guest_memfd(size_bytes, GMEM_FLAGS), size_bytes)
+    def __init__(self, vm: Vm, size_bytes: int, extra_flags: int = 0) -> None:
+        self.flags = GMEM_FLAGS | extra_flags
+        super().__init__(vm.create_guest_memfd(size_bytes, self.flags), size_bytes)
+        self.notes.append(f"guest_memfd flags {describe_gmem_flags(self.flags)}")
 
-    def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int) -> None:
-        # userspace_addr is set to the same pages: upstream ignores it for an
-        # mmap-able guest_memfd slot, and PVM hosts access guest memory through it.
+    def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int, uaddr: int) -> None:
+        # userspace_addr is the VMM's mapping of the same pages, or 0 when hidden:
+        # upstream KVM faults an mmap-able guest_memfd slot from the file itself.
         vm.set_user_memory_region2(
             slot,
             gpa,
             size,
-            self.host_addr + offset,
+            uaddr,
             flags=KVM_MEM_GUEST_MEMFD,
             guest_memfd=self.fd,
             guest_memfd_offset=offset,
@@ -81,12 +87,11 @@ class GuestMemfdBackend(Backend):
 
 
 class MemfdBackend(Backend):
-    """A plain memfd (shmem), for hosts without a mappable guest_memfd."""
-
     name = "memfd"
+    memfd_flags = os.MFD_CLOEXEC
 
     def __init__(self, vm: Vm, size_bytes: int) -> None:
-        fd = os.memfd_create("kvmkit-guest-ram", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"kvmkit-guest-{self.name}", self.memfd_flags)
         try:
             os.ftruncate(fd, size_bytes)
         except OSError as e:
@@ -94,21 +99,49 @@ class MemfdBackend(Backend):
             raise KvmkitError(f"cannot size the guest memfd: {os.strerror(e.errno or 0)}") from None
         super().__init__(fd, size_bytes)
 
-    def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int) -> None:
+    def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int, uaddr: int) -> None:
         if vm.check_extension(Cap.USER_MEMORY2):
-            vm.set_user_memory_region2(slot, gpa, size, self.host_addr + offset)
+            vm.set_user_memory_region2(slot, gpa, size, uaddr)
         else:
-            vm.set_user_memory_region(slot, gpa, size, self.host_addr + offset)
+            vm.set_user_memory_region(slot, gpa, size, uaddr)
+
+
+class HugetlbBackend(MemfdBackend):
+    name = "hugetlb"
+    map_flags = 0  # reserve the pool at mmap time, so a short pool fails now, not with SIGBUS
+
+    def __init__(self, vm: Vm, size_bytes: int, page_size: int = 2 << 20) -> None:
+        check_pool(page_size, size_bytes)
+        self.page_size = page_size
+        self.memfd_flags = (
+            os.MFD_CLOEXEC
+            | os.MFD_HUGETLB
+            | (os.MFD_HUGE_1GB if page_size == 1 << 30 else os.MFD_HUGE_2MB)
+        )
+        super().__init__(vm, size_bytes)
+        self.notes.append(f"{size_label(page_size)} hugetlb pages")
+
+
+class ThpBackend(MemfdBackend):
+    name = "thp"
+
+    def after_map(self, addr: int, size: int) -> None:
+        libc.madvise(addr, size, libc.MADV_HUGEPAGE)
+        mode = shmem_thp_mode()
+        if mode in ("never", "deny", "unavailable"):
+            self.notes.append(
+                f"MADV_HUGEPAGE given, but shmem THP is '{mode}' on this host, so it has no"
+                " effect: echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled"
+            )
+        else:
+            self.notes.append(f"MADV_HUGEPAGE given (shmem THP: {mode})")
 
 
 @dataclass(frozen=True)
 class BackendChoice:
-    cls: type[Backend]
+    name: str
     reason: str
-
-    @property
-    def name(self) -> str:
-        return self.cls.name
+    create: Callable[[Vm, int], Backend]
 
 
 def guest_memfd_shortfall(vm: Vm) -> str:
@@ -123,10 +156,57 @@ def guest_memfd_shortfall(vm: Vm) -> str:
     return ""
 
 
-def choose_backend(vm: Vm, requested: str = "auto") -> BackendChoice:
-    """The backend to use for `requested` ("auto", "guest_memfd" or "memfd")."""
+def gmem_flag_report(vm: Vm) -> list[str]:
+    """What the host's guest_memfd offers beyond the basics, in words."""
+    flags = vm.guest_memfd_flags()
+    notes = []
+    unknown = flags & ~KNOWN_GMEM_FLAGS
+    if unknown:
+        notes.append(f"this kernel offers guest_memfd flags kvmkit does not know: {unknown:#x}")
+    if GUEST_MEMFD_HUGEPAGE_FLAG is None or not flags & GUEST_MEMFD_HUGEPAGE_FLAG:
+        notes.append(
+            f"no guest_memfd hugepage flag in KVM_CAP_GUEST_MEMFD_FLAGS ({flags:#x}):"
+            " guest_memfd uses 4 KiB pages"
+        )
+    return notes
+
+
+def choose_backend(
+    vm: Vm,
+    requested: str = "auto",
+    *,
+    hugepage_size: int = 2 << 20,
+    no_direct_map: bool = False,
+) -> BackendChoice:
+    """The backend for `requested` (auto, guest_memfd, memfd, hugetlb, thp), and why."""
+    if requested not in ("auto", *BACKEND_NAMES):
+        raise KvmkitError(
+            f"unknown memory backend {requested!r}; choose auto, {', '.join(BACKEND_NAMES)}"
+        )
+    if no_direct_map:
+        supported = vm.guest_memfd_flags()
+        if requested not in ("auto", "guest_memfd"):
+            raise KvmkitError("removing guest memory from the direct map needs guest_memfd")
+        if not supported & GUEST_MEMFD_FLAG_NO_DIRECT_MAP:
+            raise KvmUnsupportedError(
+                "--hide-guest-memory=direct-map",
+                "this kernel lacks GUEST_MEMFD_FLAG_NO_DIRECT_MAP (KVM_CAP_GUEST_MEMFD_FLAGS is"
+                f" {supported:#x}: {describe_gmem_flags(supported)}), so guest_memfd pages stay"
+                " in the host direct map; use --hide-guest-memory to unmap them from kvmkit",
+            )
+        return BackendChoice(
+            "guest_memfd",
+            "requested, without a direct map",
+            lambda v, s: GuestMemfdBackend(v, s, GUEST_MEMFD_FLAG_NO_DIRECT_MAP),
+        )
     if requested == "memfd":
-        return BackendChoice(MemfdBackend, "requested")
+        return BackendChoice("memfd", "requested", MemfdBackend)
+    if requested == "hugetlb":
+        return BackendChoice(
+            "hugetlb", "requested", lambda v, s: HugetlbBackend(v, s, hugepage_size)
+        )
+    if requested == "thp":
+        return BackendChoice("thp", "requested", ThpBackend)
     shortfall = guest_memfd_shortfall(vm)
     if requested == "guest_memfd":
         if shortfall:
@@ -134,11 +214,7 @@ def choose_backend(vm: Vm, requested: str = "auto") -> BackendChoice:
                 "guest_memfd backend",
                 f"this host's KVM cannot map guest_memfd ({shortfall}); use --memory-backend memfd",
             )
-        return BackendChoice(GuestMemfdBackend, "requested")
-    if requested != "auto":
-        raise KvmkitError(
-            f"unknown memory backend {requested!r}; choose one of auto, {', '.join(BACKEND_NAMES)}"
-        )
+        return BackendChoice("guest_memfd", "requested", GuestMemfdBackend)
     if shortfall:
-        return BackendChoice(MemfdBackend, f"fallback: guest_memfd unusable ({shortfall})")
-    return BackendChoice(GuestMemfdBackend, "default")
+        return BackendChoice("memfd", f"fallback: guest_memfd unusable ({shortfall})", MemfdBackend)
+    return BackendChoice("guest_memfd", "default", GuestMemfdBackend)

@@ -1,51 +1,105 @@
-"""`GuestMemory`: guest RAM, its layout, its backend, and host access to it."""
+"""`GuestMemory`: guest RAM, its layout, its backend, and every host window onto it."""
 
-import ctypes
 from types import TracebackType
 
+from kvmkit import libc
 from kvmkit.errors import KvmkitError
-from kvmkit.kvm import Vm
-from kvmkit.memory.backend import Backend, choose_backend
-from kvmkit.memory.layout import RamRegion, ram_regions
+from kvmkit.kvm import KvmUnsupportedError, Vm
+from kvmkit.memory.attributes import AttributeMap
+from kvmkit.memory.backend import Backend, choose_backend, gmem_flag_report
+from kvmkit.memory.exposure import HostMappings, HostWindow
+from kvmkit.memory.layout import PAGE_SIZE, RamRegion, format_size, ram_regions
+from kvmkit.memory.numa import GMEM_HONOURS_MBIND, NumaPolicy, kernel_version
+from kvmkit.uapi.caps import Cap
+from kvmkit.uapi.memory import KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 
 class GuestMemoryError(KvmkitError):
-    """A guest-physical range that is not (wholly) guest RAM."""
+    """A guest-physical range that is not (wholly) guest RAM, or not mapped in the host."""
 
 
 class GuestMemory:
     """All guest RAM of one VM, in one backend file bound to one slot per region.
 
-    `read`, `write` and `view` take guest-physical addresses; a range must lie
-    inside one RAM region (not across the MMIO gap) or `GuestMemoryError` says why.
+    The VMM sees guest RAM only through host windows (`windows`): at first one window
+    over the whole file; after `hide()`, only the small windows devices declare.
+    `read`, `write` and `view` take guest-physical addresses and work inside a window.
     """
 
-    def __init__(self, vm: Vm, size_bytes: int, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        vm: Vm,
+        size_bytes: int,
+        backend: str = "auto",
+        *,
+        hugepage_size: int = 2 << 20,
+        numa: NumaPolicy | None = None,
+        prealloc: bool = False,
+        no_direct_map: bool = False,
+    ) -> None:
         self.vm = vm
         self.size_bytes = size_bytes
         self.regions = ram_regions(size_bytes)
-        self.choice = choose_backend(vm, backend)
-        self.backend: Backend = self.choice.cls(vm, size_bytes)
+        self.choice = choose_backend(
+            vm, backend, hugepage_size=hugepage_size, no_direct_map=no_direct_map
+        )
+        self.backend: Backend = self.choice.create(vm, size_bytes)
+        self._notes: list[str] = gmem_flag_report(vm) if self.backend.name == "guest_memfd" else []
+        self.mappings = HostMappings(self.backend.fd, self.backend.map_flags)
+        self.attributes = AttributeMap()
+        self.numa = numa
+        self.hidden = False
         self._bound: list[RamRegion] = []
         try:
-            self._mem = memoryview(
-                (ctypes.c_char * size_bytes).from_address(self.backend.host_addr)
-            ).cast("B")
-            for region in self.regions:
-                self.backend.bind(vm, region.slot, region.gpa, region.size, region.offset)
-                self._bound.append(region)
+            try:
+                main = self.mappings.map(0, size_bytes, "vmm")
+            except OSError as e:
+                raise KvmkitError(
+                    f"cannot map {size_bytes >> 20} MiB of {self.backend.name} guest memory into"
+                    f" the host: {e.strerror}"
+                ) from None
+            self.backend.after_map(main.addr, main.size)
+            if numa is not None:
+                numa.apply(main.addr, main.size)  # before the first touch
+                self._notes.append(self._numa_note())
+            if prealloc:
+                self.prealloc()
+            self._bind_all(main.addr)
         except BaseException:
             self.close()
             raise
+
+    # -- slots ----------------------------------------------------------------
+    def _bind_all(self, host_base: int) -> None:
+        for region in self.regions:
+            uaddr = host_base + region.offset if host_base else 0
+            self.backend.bind(self.vm, region.slot, region.gpa, region.size, region.offset, uaddr)
+            self._bound.append(region)
+
+    def _unbind_all(self) -> None:
+        if self.vm.fd >= 0:
+            for region in self._bound:
+                self.vm.delete_memory_region(region.slot)
+        self._bound.clear()
+
+    # -- addressing -----------------------------------------------------------
+    @property
+    def notes(self) -> list[str]:
+        """Facts about this memory worth telling a user: flags, hugepages, NUMA."""
+        return [*self.backend.notes, *self._notes]
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
     @property
+    def windows(self) -> list[HostWindow]:
+        return list(self.mappings.windows)
+
+    @property
     def host_mapped_bytes(self) -> int:
         """Bytes of guest RAM the VMM process has mapped right now."""
-        return self.backend.size_bytes if self.backend.host_addr else 0
+        return self.mappings.mapped_bytes
 
     def region_of(self, gpa: int, length: int = 1) -> RamRegion:
         for region in self.regions:
@@ -64,13 +118,25 @@ class GuestMemory:
         region = self.region_of(gpa, max(length, 1))
         return region.offset + gpa - region.gpa
 
+    def _window(self, gpa: int, length: int) -> tuple[HostWindow, int]:
+        off = self.offset_of(gpa, length)
+        window = self.mappings.covering(off, max(length, 1))
+        if window is None:
+            shown = ", ".join(f"{w.owner} {w.offset:#x}+{w.size:#x}" for w in self.windows)
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}+{length:#x} is hidden from the host"
+                f" (mapped windows: {shown or 'none'}); declare a shared window for it"
+            )
+        return window, off - window.offset
+
     def host_address(self, gpa: int) -> int:
-        return self.backend.host_addr + self.offset_of(gpa)
+        window, rel = self._window(gpa, 1)
+        return window.addr + rel
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy, writable view of guest RAM. Do not use it after `close()`."""
-        off = self.offset_of(gpa, length)
-        return self._mem[off : off + length]
+        """A zero-copy, writable view of guest RAM. Do not keep it past `hide()`/`close()`."""
+        window, rel = self._window(gpa, length)
+        return window.view[rel : rel + length]
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -78,15 +144,111 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
 
+    # -- exposure ---------------------------------------------------------------
+    def hide(self, keep: list[tuple[int, int, str]] | None = None) -> None:
+        """Unmap all guest RAM from this process, then map back only `keep`:
+        (gpa, size, owner) windows that devices need. Slots are rebound with no host
+        address, so KVM serves the guest from guest_memfd alone."""
+        if not self.backend.can_hide:
+            raise KvmUnsupportedError(
+                "--hide-guest-memory",
+                f"the {self.backend.name} backend is reached through the host mapping;"
+                " hiding guest memory needs guest_memfd",
+            )
+        self._unbind_all()
+        self.mappings.unmap_all()
+        self.hidden = True
+        self._bind_all(0)
+        for gpa, size, owner in keep or []:
+            self.share_window(gpa, size, owner)
+
+    def share_window(self, gpa: int, size: int, owner: str) -> HostWindow:
+        """Map [gpa, gpa+size), widened to whole pages, for a device that needs it."""
+        start = gpa & ~(PAGE_SIZE - 1)
+        end = (gpa + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        return self.mappings.map(self.offset_of(start, end - start), end - start, owner)
+
+    def exposure_report(self) -> str:
+        if not self.windows:
+            return "no guest RAM mapped in the VMM"
+        parts = ", ".join(f"{w.owner} {format_size(w.size)}" for w in self.windows)
+        return f"{format_size(self.host_mapped_bytes)} of guest RAM mapped in the VMM ({parts})"
+
+    # -- population -------------------------------------------------------------
+    def _check_discard(self, gpa: int, size: int) -> int:
+        unit = self.backend.page_size
+        if size <= 0 or gpa % unit or size % unit:
+            raise GuestMemoryError(
+                f"discard {gpa:#x}+{size:#x}: address and size must be multiples of"
+                f" {unit >> 10} KiB, the {self.backend.name} page size"
+            )
+        return self.offset_of(gpa, size)
+
+    def discard(self, gpa: int, size: int) -> None:
+        """Free [gpa, gpa+size): the host gets the memory back; the guest reads zeros."""
+        off = self._check_discard(gpa, size)
+        libc.fallocate(
+            self.backend.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, off, size
+        )
+
+    def prealloc(self) -> None:
+        """Allocate every page of guest RAM now (fallocate), under the NUMA policy."""
+        use_thread_policy = self.numa is not None
+        if use_thread_policy:
+            libc.set_mempolicy(self.numa.mpol, self.numa.nodes)
+        try:
+            libc.fallocate(self.backend.fd, libc.FALLOC_FL_KEEP_SIZE, 0, self.size_bytes)
+        except OSError as e:
+            raise KvmkitError(
+                f"preallocating {self.size_bytes >> 20} MiB of {self.backend.name} memory failed:"
+                f" {e.strerror}"
+            ) from None
+        finally:
+            if use_thread_policy:
+                libc.set_mempolicy(libc.MPOL_DEFAULT, ())
+
+    def populated_bytes(self) -> int:
+        """Bytes of guest RAM that exist in host memory right now (allocated pages)."""
+        probe = self.mappings.map(0, self.size_bytes, "populated-probe", prot=0)
+        try:
+            return libc.mincore_resident_pages(probe.addr, probe.size) * PAGE_SIZE
+        finally:
+            self.mappings.unmap(probe)
+
+    def _numa_note(self) -> str:
+        assert self.numa is not None
+        note = f"NUMA policy {self.numa.describe()} (mbind before first touch)"
+        if self.backend.name == "guest_memfd" and kernel_version() < GMEM_HONOURS_MBIND:
+            note += (
+                "; this kernel's guest_memfd allocates by the faulting thread's policy, not the"
+                " mapping's (that arrives in 6.19): --prealloc applies it through set_mempolicy"
+            )
+        return note
+
+    # -- attributes -------------------------------------------------------------
+    def set_private(self, gpa: int, size: int, private: bool = True) -> None:
+        """Convert a range to private (or back to shared) with KVM_SET_MEMORY_ATTRIBUTES."""
+        supported = self.vm.check_extension(Cap.MEMORY_ATTRIBUTES)
+        if not supported & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            raise KvmUnsupportedError(
+                "KVM_SET_MEMORY_ATTRIBUTES",
+                f"this host's KVM offers no private memory attribute (KVM_CAP_MEMORY_ATTRIBUTES"
+                f" is {supported:#x}); private/shared conversion needs a VM type with private"
+                " memory (KVM_CAP_VM_TYPES) on a kernel that supports it",
+            )
+        self.offset_of(gpa, size)
+        self.vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+        if private:
+            self.attributes.set_private(gpa, size)
+        else:
+            self.attributes.set_shared(gpa, size)
+
+    # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
         # Unbind first, so a VM that outlives this object never points at unmapped pages.
-        if self.vm.fd >= 0:
-            for region in self._bound:
-                self.vm.delete_memory_region(region.slot)
-        self._bound.clear()
-        if hasattr(self, "_mem"):
-            self._mem.release()
-            del self._mem
+        self._unbind_all()
+        if hasattr(self, "mappings"):
+            self.mappings.unmap_all()
         self.backend.close()
 
     def __enter__(self) -> "GuestMemory":

@@ -42,6 +42,14 @@ def ram_regions(size_bytes: int) -> list[RamRegion]:
     ]
 
 
+def format_size(n: int) -> str:
+    """Bytes in the largest binary unit that divides them exactly: "256 MiB", "12 KiB"."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
 def page_align_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 

@@ -1,7 +1,8 @@
 import pytest
 
 from kvmkit.errors import ConfigError
-from kvmkit.machine.config import MachineConfig, format_size, parse_int, parse_size
+from kvmkit.machine.config import MachineConfig, parse_int, parse_size
+from kvmkit.memory.layout import format_size
 
 
 @pytest.mark.parametrize(
