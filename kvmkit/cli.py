@@ -147,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not print the summary (errors are still printed)",
     )
 
+    selftest = sub.add_parser(
+        "selftest",
+        help="run a test bench against this host's KVM and print a pass/fail table",
+        description="Run one of kvmkit's test benches against this host's kernel. Each check"
+        " states the outcome it expects (an errno, a signal, a value); DEVIATES marks a"
+        " measured, known difference of this host from upstream KVM. Exit status 1 if any"
+        " check fails.",
+    )
+    selftest.add_argument(
+        "bench",
+        choices=["memory"],
+        help="memory: guest_memfd creation, mmap, fallocate, slot binding, a running guest",
+    )
+    selftest.add_argument(
+        "--filter", "-k", default="", metavar="TEXT", help="run only checks whose name has TEXT"
+    )
+    selftest.add_argument("--list", action="store_true", help="list the checks, run nothing")
+
     sub.add_parser(
         "guests",
         help="list the built-in guest programs",
@@ -203,6 +221,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from kvmkit.testing.gmem_bench import CHECKS, format_table, run_check
+
+    checks = [c for c in CHECKS if args.filter in c.name]
+    if not checks:
+        raise ConfigError(f"no check name contains {args.filter!r}; see --list")
+    if args.list:
+        for c in checks:
+            print(f"{c.name:<24} expects {c.expect:<24} {c.title}")
+        return 0
+    results = []
+    for i, check in enumerate(checks, 1):
+        if sys.stderr.isatty():
+            print(f"\r[{i}/{len(checks)}] {check.name:<40}", end="", file=sys.stderr, flush=True)
+        results.append(run_check(check))
+    if sys.stderr.isatty():
+        print("\r" + " " * 50 + "\r", end="", file=sys.stderr)
+    print(format_table(results))
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
 def cmd_guests(args: argparse.Namespace) -> int:
     for name, g in BUILTIN.items():
         print(f"{name:<10} {g.mode:<5} load {g.load_addr:#08x}  {g.summary}")
@@ -216,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return {"run": cmd_run, "guests": cmd_guests}[args.command](args)
+        commands = {"run": cmd_run, "selftest": cmd_selftest, "guests": cmd_guests}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"kvmkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE

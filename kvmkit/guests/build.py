@@ -86,6 +86,23 @@ BUILTIN: dict[str, GuestProgram] = {
 }
 
 
+# Guests kvmkit uses internally (selftests); not listed by `kvmkit guests`.
+INTERNAL: dict[str, GuestProgram] = {
+    "discard_probe": GuestProgram(
+        "discard_probe",
+        SRC_DIR / "discard_probe.S",
+        "long",
+        LONG_LOAD,
+        "writes a word, has the host discard its page, checks it reads zero",
+    ),
+}
+
+
+def find_program(name: str) -> GuestProgram | None:
+    """A built-in or internal guest program by name."""
+    return BUILTIN.get(name) or INTERNAL.get(name)
+
+
 def cache_dir() -> Path:
     if env := os.environ.get("KVMKIT_CACHE_DIR"):
         return Path(env)

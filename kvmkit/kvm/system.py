@@ -6,7 +6,7 @@ import os
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from kvmkit.kvm.errors import KvmError, KvmUnavailableError, open_hint
+from kvmkit.kvm.errors import KvmError, KvmUnavailableError, KvmUnsupportedError, open_hint
 from kvmkit.kvm.ioctl import kvm_ioctl
 from kvmkit.uapi import ioctls
 from kvmkit.uapi.caps import Cap
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from kvmkit.kvm.vm import Vm
 
 CapName = Cap | str | int
+
+# KVM_X86_*_VM, the bit numbers of KVM_CAP_VM_TYPES.
+VM_TYPE_NAMES = {0: "default", 1: "sw_protected", 2: "sev", 3: "sev_es", 4: "snp", 5: "tdx"}
 
 
 def cap_number(cap: CapName) -> int:
@@ -107,10 +110,24 @@ class Kvm:
             n = kvm_msr_list.from_buffer(buf).nmsrs
             return list((ctypes.c_uint32 * n).from_buffer(buf, ctypes.sizeof(header)))
 
+    def vm_types(self) -> list[str]:
+        """The VM types this host can create, by name (KVM_CAP_VM_TYPES)."""
+        mask = self.check_extension(Cap.VM_TYPES) or 1  # before 6.10: the default type only
+        return [VM_TYPE_NAMES.get(bit, f"type {bit}") for bit in range(64) if mask >> bit & 1]
+
     # -- children ---------------------------------------------------------
     def create_vm(self, vm_type: int = 0) -> "Vm":
         from kvmkit.kvm.vm import Vm
 
+        if vm_type:
+            mask = self.check_extension(Cap.VM_TYPES)
+            if not mask >> vm_type & 1:
+                name = VM_TYPE_NAMES.get(vm_type, f"type {vm_type}")
+                raise KvmUnsupportedError(
+                    f"VM type {name}",
+                    f"this host offers VM types {', '.join(self.vm_types())}"
+                    f" (KVM_CAP_VM_TYPES is {mask:#x})",
+                )
         return Vm(self, kvm_ioctl(self.fd, ioctls.KVM_CREATE_VM, vm_type))
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmkit.errors import ConfigError
-from kvmkit.guests.build import BUILTIN, LONG_LOAD, REAL_LOAD
+from kvmkit.guests.build import BUILTIN, LONG_LOAD, REAL_LOAD, GuestProgram, find_program
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.hugepages import HUGEPAGE_SIZES
 from kvmkit.memory.layout import MIB, PAGE_SIZE, format_size
@@ -64,19 +64,24 @@ class MachineConfig:
     hide: str = "off"  # off, unmap (no host mapping of guest RAM), direct-map (and no direct map)
 
     @property
+    def program(self) -> GuestProgram | None:
+        """The built-in (or internal) guest program named by `guest`, if it names one."""
+        return find_program(self.guest)
+
+    @property
     def builtin(self) -> bool:
-        return self.guest in BUILTIN
+        return self.program is not None
 
     @property
     def cpu_mode(self) -> str:
-        if self.builtin:
-            return BUILTIN[self.guest].mode
+        if self.program is not None:
+            return self.program.mode
         return self.mode or "long"
 
     @property
     def load_addr(self) -> int:
-        if self.builtin:
-            return BUILTIN[self.guest].load_addr
+        if self.program is not None:
+            return self.program.load_addr
         if self.entry is not None:
             return self.entry
         return REAL_LOAD if self.cpu_mode == "real" else LONG_LOAD
@@ -123,8 +128,8 @@ class MachineConfig:
             self.numa.validate()
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown CPU mode {self.mode!r}: choose long or real")
-        if self.builtin:
-            program = BUILTIN[self.guest]
+        program = self.program
+        if program is not None:
             if self.mode is not None and self.mode != program.mode:
                 raise ConfigError(
                     f"built-in guest {self.guest!r} runs in {program.mode} mode, not {self.mode}"

@@ -13,7 +13,6 @@ from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT
 from kvmkit.devices.post import POST_PORT
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
-from kvmkit.guests.build import BUILTIN
 from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
@@ -128,8 +127,8 @@ class Machine:
         self.memory.hide(keep)
 
     def _guest_image(self) -> bytes:
-        if self.config.builtin:
-            return BUILTIN[self.config.guest].build()
+        if self.config.program is not None:
+            return self.config.program.build()
         return Path(self.config.guest).read_bytes()
 
     def _open_console(self, console: BinaryIO | None) -> BinaryIO | None:

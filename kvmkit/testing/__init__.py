@@ -1,0 +1,1 @@
+"""Test benches users run against their own kernels (`kvmkit selftest ...`)."""
