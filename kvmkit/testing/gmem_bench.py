@@ -11,6 +11,7 @@ deviation of this host (PVM) from upstream reports DEVIATES instead of FAIL.
 import contextlib
 import ctypes
 import errno
+import faulthandler
 import io
 import os
 import signal
@@ -147,6 +148,9 @@ def in_child(action: Callable[[], None]) -> str:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
+            faulthandler.disable()  # the signal is the expected outcome, not a crash to report
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
             action()
         finally:
             os._exit(0)

@@ -2,7 +2,6 @@ import pytest
 
 from kvmkit.errors import ConfigError
 from kvmkit.machine.config import MachineConfig, parse_int, parse_size
-from kvmkit.memory.layout import format_size
 
 
 @pytest.mark.parametrize(
@@ -31,12 +30,6 @@ def test_parse_int_accepts_hex_and_names_the_field():
     assert parse_int("0x1000", "entry") == 0x1000
     with pytest.raises(ConfigError, match="entry 'zz' is not a number"):
         parse_int("zz", "entry")
-
-
-def test_format_size():
-    assert format_size(256 << 20) == "256 MiB"
-    assert format_size(3 << 30) == "3 GiB"
-    assert format_size(1000) == "1000 bytes"
 
 
 @pytest.mark.parametrize(
