@@ -76,6 +76,13 @@ BUILTIN: dict[str, GuestProgram] = {
             "real mode: prints a line and exits 0",
         ),
         GuestProgram(
+            "touch",
+            SRC_DIR / "touch.S",
+            "long",
+            LONG_LOAD,
+            "every vCPU writes one word per page of its share of RAM (first touch), exits 0",
+        ),
+        GuestProgram(
             "exitloop",
             SRC_DIR / "exitloop.S",
             "long",

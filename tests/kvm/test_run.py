@@ -21,6 +21,7 @@ EXPECTED_CONSOLE = {
     "memtest": b"memtest: all 1 vCPUs passed\n",
     "hello16": b"hello from real mode\n",
     "exitloop": b"",
+    "touch": b"",
 }
 
 

@@ -113,6 +113,35 @@ pattern_test:
 5:  mov rax, rcx
     ret
 
+/* my_share: this vCPU's share of the free range at rbx ({u64 start, u64 end}).
+ * The range is split into nr_vcpus page-aligned parts; the last vCPU also takes the
+ * remainder. Returns rdi = start, rsi = end. */
+my_share:
+    mov rax, [rbx + 8]
+    sub rax, [rbx]
+    xor edx, edx
+    mov ecx, [r15 + BI_NR_VCPUS]
+    div rcx
+    and rax, -4096
+    mov rdi, rax
+    imul rdi, r14
+    add rdi, [rbx]
+    lea rsi, [rdi + rax]
+    mov ecx, [r15 + BI_NR_VCPUS]
+    dec ecx
+    cmp r14, rcx
+    jne 1f
+    mov rsi, [rbx + 8]
+1:  ret
+
+/* last_one_out: count this vCPU as finished; returns ZF set for the last one */
+last_one_out:
+    mov eax, 1
+    lock xadd [r15 + BI_DONE], rax
+    inc eax
+    cmp eax, [r15 + BI_NR_VCPUS]
+    ret
+
 /* exit: end the run with the status in edi; never returns */
 exit:
     mov eax, edi

@@ -14,23 +14,8 @@ _start:
     lea rbx, [r15 + BI_RANGES]
 1:  test r12, r12
     jz 3f
-    /* share = ((end - start) / nr_vcpus) rounded down to a page */
-    mov rax, [rbx + 8]
-    sub rax, [rbx]
-    xor edx, edx
-    mov ecx, [r15 + BI_NR_VCPUS]
-    div rcx
-    and rax, -4096
-    mov rdi, rax
-    imul rdi, r14
-    add rdi, [rbx]                  /* my start */
-    lea rsi, [rdi + rax]            /* my end */
-    mov ecx, [r15 + BI_NR_VCPUS]
-    dec ecx
-    cmp r14, rcx
-    jne 2f
-    mov rsi, [rbx + 8]              /* the last vCPU takes the remainder */
-2:  call pattern_test
+    call my_share
+    call pattern_test
     test rax, rax
     jnz 5f
     add r13, rcx
@@ -51,10 +36,7 @@ _start:
     call puts
     call console_unlock
 
-    mov eax, 1
-    lock xadd [r15 + BI_DONE], rax
-    inc eax
-    cmp eax, [r15 + BI_NR_VCPUS]
+    call last_one_out
     jne park
     call console_lock
     lea rsi, [rip + all_pre]
