@@ -12,7 +12,7 @@ from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
 from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_USAGE
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.hugepages import HUGEPAGE_SIZES
-from kvmkit.memory.layout import format_size
+from kvmkit.memory.layout import approx_size, format_size
 from kvmkit.memory.numa import MODES as NUMA_MODES
 from kvmkit.memory.numa import NumaPolicy, parse_nodes
 
@@ -199,7 +199,7 @@ def format_summary(r: RunResult) -> str:
         f"  wall time    {r.wall_s:.3f} s",
         f"  exits        {r.total_exits} ({exits or 'none'})",
         f"  memory       {format_size(r.memory_bytes)} on {r.backend} ({r.backend_reason}),"
-        f" {format_size(r.populated_bytes)} populated",
+        f" {approx_size(r.populated_bytes)} populated",
         f"  exposure     {r.exposure}",
         f"  vCPUs        {r.vcpus}",
         f"  console      {r.console_bytes} bytes",

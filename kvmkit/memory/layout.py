@@ -50,6 +50,17 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
+def approx_size(n: int) -> str:
+    """Bytes to a person, to one decimal where the size is not exact: "255.9 MiB"."""
+    exact = format_size(n)
+    if not exact.endswith(("KiB", "bytes")) or n < MIB:
+        return exact
+    for unit, scale in (("GiB", GIB), ("MiB", MIB)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return exact
+
+
 def page_align_up(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 

@@ -104,3 +104,39 @@ def test_help_teaches():
 def test_guests_lists_builtins():
     p = kvmkit("guests")
     assert p.returncode == 0 and "hello" in p.stdout and "memtest" in p.stdout
+
+
+@pytest.mark.parametrize("guest", ["exitloop", "spin"])
+def test_ctrl_c_stops_the_machine_with_130(tmp_path, guest):
+    """SIGINT ends a run: a guest busy with exits, and one spinning with none (the
+    vCPU threads are kicked out of KVM_RUN)."""
+    import signal
+    import time
+
+    target = guest if guest == "exitloop" else write_guest(tmp_path, "spin")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvmkit",
+            "run",
+            "--guest",
+            target,
+            "--vcpus",
+            "2",
+            "--memory",
+            "16M",
+            "--guest-arg",
+            str(10**9),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "interrupted (Ctrl-C)" in err
+    assert "Traceback" not in err

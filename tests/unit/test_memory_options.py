@@ -4,7 +4,7 @@ from kvmkit.errors import ConfigError
 from kvmkit.machine.config import MachineConfig
 from kvmkit.memory import hugepages
 from kvmkit.memory.hugepages import HugepagePool, grow_command
-from kvmkit.memory.layout import format_size
+from kvmkit.memory.layout import approx_size, format_size
 from kvmkit.memory.numa import NumaPolicy, host_nodes, parse_nodes
 
 
@@ -42,6 +42,9 @@ def test_format_size():
     assert format_size(3 << 30) == "3 GiB"
     assert format_size(12 << 10) == "12 KiB"
     assert format_size(1000) == "1000 bytes"
+    assert approx_size(262128 << 10) == "256.0 MiB"
+    assert approx_size(12 << 10) == "12 KiB"
+    assert approx_size(2 << 30) == "2 GiB"
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,7 @@
  * size and vCPU count, writes and verifies a pattern on every page of free RAM,
  * and exits 0. Other vCPUs halt. */
 #include "kvmkit.h"
-    .intel_syntax noprefix
-    .code64
-    .section .text.start, "ax"
-    .globl _start
-_start:
-    mov r15, rdi
-    mov r14, rsi
+LONG_MODE_ENTRY
     test r14, r14
     jnz park
 

@@ -2,13 +2,7 @@
  * 4 KiB page, written then verified), reports on the console, and the last one
  * to finish exits 0. A mismatch exits 1 at once. */
 #include "kvmkit.h"
-    .intel_syntax noprefix
-    .code64
-    .section .text.start, "ax"
-    .globl _start
-_start:
-    mov r15, rdi
-    mov r14, rsi
+LONG_MODE_ENTRY
     xor r13, r13                    /* pages tested by this vCPU */
     mov r12d, [r15 + BI_NR_RANGES]
     lea rbx, [r15 + BI_RANGES]

@@ -2,13 +2,7 @@
  * (the first touch that makes the host allocate it), then the last vCPU to finish
  * exits 0. Used by benchmarks/memory_populate.py. */
 #include "kvmkit.h"
-    .intel_syntax noprefix
-    .code64
-    .section .text.start, "ax"
-    .globl _start
-_start:
-    mov r15, rdi
-    mov r14, rsi
+LONG_MODE_ENTRY
     mov r12d, [r15 + BI_NR_RANGES]
     lea rbx, [r15 + BI_RANGES]
 1:  test r12, r12

@@ -2,13 +2,7 @@
  * the host before the run), then writes 0xfeedface0000 + vCPU index at
  * BI_ARG + 8 for the host to read back, and exits 0. */
 #include "kvmkit.h"
-    .intel_syntax noprefix
-    .code64
-    .section .text.start, "ax"
-    .globl _start
-_start:
-    mov r15, rdi
-    mov r14, rsi
+LONG_MODE_ENTRY
     mov rbx, [r15 + BI_ARG]
     lea rsi, [rip + label]
     call puts
