@@ -29,6 +29,7 @@ from kvmkit.uapi.cpu import (
     kvm_xcrs,
     kvm_xsave,
 )
+from kvmkit.uapi.exits import ExitReason
 from kvmkit.uapi.run import kvm_run
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class Vcpu:
         if ret < 0:
             err = ctypes.get_errno()
             if err == errno.EINTR:
-                return 10  # ExitReason.INTR
+                return ExitReason.INTR
             raise KvmError("KVM_RUN", err)
         return self.run_struct.exit_reason
 
