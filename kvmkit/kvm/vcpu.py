@@ -1,8 +1,12 @@
 """`Vcpu`: a KVM vCPU fd, its kvm_run mapping, and every piece of its state."""
 
+import contextlib
 import ctypes
 import errno
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -36,6 +40,27 @@ if TYPE_CHECKING:
     from kvmkit.kvm.vm import Vm
 
 S = TypeVar("S", bound=ctypes.Structure)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """A kick only needs to interrupt KVM_RUN with EINTR; nothing to do here."""
+
+
+@contextlib.contextmanager
+def kick_handler() -> Iterator[bool]:
+    """Install a no-op KICK_SIGNAL handler for the duration, so `Vcpu.kick` interrupts
+    KVM_RUN instead of killing the process. Python sets handlers only on the main
+    thread: elsewhere this yields False and kicks rely on immediate_exit alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.signal(KICK_SIGNAL, _ignore_kick)
+    try:
+        yield True
+    finally:
+        signal.signal(KICK_SIGNAL, previous if previous is not None else signal.SIG_DFL)
 
 
 class Vcpu:
@@ -91,6 +116,16 @@ class Vcpu:
                 return ExitReason.INTR
             raise KvmError("KVM_RUN", err)
         return self.run_struct.exit_reason
+
+    def kick(self, thread_ident: int | None) -> None:
+        """Make the thread running this vCPU leave KVM_RUN (inside `kick_handler`):
+        immediate_exit stops a thread about to enter, the signal one already inside.
+        Pass None for the calling thread, which needs no signal."""
+        if self.fd >= 0:
+            self.run_struct.immediate_exit = 1
+        if thread_ident is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pthread_kill(thread_ident, KICK_SIGNAL)
 
     # -- state ------------------------------------------------------------
     def _get(self, request: int, cls: type[S]) -> S:

@@ -14,6 +14,7 @@ from kvmkit.devices.post import POST_PORT
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
 from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
+from kvmkit.kvm.vcpu import kick_handler
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
 from kvmkit.machine.probes import guest_memfd_runs_unmapped
@@ -28,12 +29,7 @@ from kvmkit.memory import GuestMemory
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.exits import ExitReason
 
-KICK_SIGNAL = signal.SIGUSR1
 JOIN_TIMEOUT_S = 5.0
-
-
-def _ignore_kick(signum: int, frame: object) -> None:
-    """The kick only needs to interrupt KVM_RUN with EINTR; nothing to do here."""
 
 
 class Machine:
@@ -147,11 +143,9 @@ class Machine:
         """Run until the guest exits, every vCPU halts, an error, or Ctrl-C."""
         if self._threads:
             raise RuntimeError("a Machine runs once; build a new one to run again")
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(KICK_SIGNAL, _ignore_kick) if in_main else None
         counts = [[0] * _NR_REASONS for _ in self.vcpus]
         start = time.monotonic()
-        try:
+        with kick_handler():
             for vcpu, c in zip(self.vcpus, counts, strict=True):
                 t = threading.Thread(
                     target=self._vcpu_thread, args=(vcpu, c), name=f"vcpu{vcpu.index}", daemon=True
@@ -168,9 +162,6 @@ class Machine:
             stuck = [t.name for t in self._threads if t.is_alive()]
             if stuck:
                 self.stop(EXIT_HOST_ERROR, f"vCPU threads did not stop: {', '.join(stuck)}")
-        finally:
-            if in_main and previous is not None:
-                signal.signal(KICK_SIGNAL, previous)
         wall = time.monotonic() - start
         self.serial.flush()
         return self._finish(wall, counts)
@@ -213,13 +204,7 @@ class Machine:
     def _kick_all(self) -> None:
         me = threading.current_thread()
         for vcpu, t in zip(self.vcpus, self._threads, strict=False):
-            if vcpu.fd >= 0:
-                vcpu.run_struct.immediate_exit = 1
-            if t is not me and t.is_alive() and t.ident is not None:
-                try:
-                    signal.pthread_kill(t.ident, KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
+            vcpu.kick(t.ident if t is not me and t.is_alive() else None)
 
     def vcpu_halted(self, index: int) -> None:
         with self._lock:

@@ -2,16 +2,15 @@
 settled by running a few guest instructions. Each answer is measured once per process."""
 
 import ctypes
-import errno
 import functools
 import os
-import signal
 import threading
 from dataclasses import dataclass
 
 from kvmkit import libc
 from kvmkit.arch.x86.real_mode import real_mode_regs, real_mode_sregs
 from kvmkit.kvm import Kvm, KvmError, Vcpu
+from kvmkit.kvm.vcpu import kick_handler
 from kvmkit.uapi.exits import ExitReason
 from kvmkit.uapi.memory import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -86,27 +85,22 @@ def gmem_probe(host_mapped: bool) -> ProbeResult:
 
 
 def _run_with_timeout(vcpu: Vcpu) -> int:
-    """vcpu.run(), interrupted after PROBE_TIMEOUT_S when called on the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return vcpu.run()
+    """vcpu.run(), kicked out after PROBE_TIMEOUT_S (returning KVM_EXIT_INTR) when
+    called on the main thread."""
     me = threading.get_ident()
     done = threading.Event()
 
     def watchdog() -> None:
         if not done.wait(PROBE_TIMEOUT_S):
-            vcpu.run_struct.immediate_exit = 1
-            signal.pthread_kill(me, signal.SIGUSR1)
+            vcpu.kick(me)
 
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-    t = threading.Thread(target=watchdog, daemon=True)
-    t.start()
-    try:
-        return vcpu.run()
-    except KvmError as e:
-        if e.errno == errno.EINTR:
-            return ExitReason.INTR
-        raise
-    finally:
-        done.set()
-        t.join()
-        signal.signal(signal.SIGUSR1, previous)
+    with kick_handler() as can_kick:
+        if not can_kick:
+            return vcpu.run()
+        t = threading.Thread(target=watchdog, daemon=True)
+        t.start()
+        try:
+            return vcpu.run()
+        finally:
+            done.set()
+            t.join()

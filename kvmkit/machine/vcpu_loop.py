@@ -23,14 +23,12 @@ _EXIT_UNION = 32
 _NR_REASONS = 64
 
 
-def _lookup(bus: Bus, cache: dict[int, Mapping | None], addr: int, size: int) -> Mapping | None:
-    m = cache.get(addr, False)
-    if m is False:
-        m = bus.find(addr, size)
+def _lookup(bus: Bus, cache: dict[int, Mapping], addr: int, size: int) -> Mapping | None:
+    """The miss path of the per-vCPU address cache: ask the bus, remember a hit."""
+    m = bus.find(addr, size)
+    if m is not None:
         cache[addr] = m
-    if m is not None and addr + size > m.end:
-        return None
-    return m  # type: ignore[return-value]
+    return m
 
 
 def run_vcpu(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
@@ -52,8 +50,8 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
     run = vcpu.run_struct
     page = vcpu.run_page
     stopping = machine.stopping.is_set
-    pio, pio_cache = machine.pio_bus, {}
-    mmio, mmio_cache = machine.mmio_bus, {}
+    pio, pio_cache = machine.pio_bus, dict[int, Mapping]()
+    mmio, mmio_cache = machine.mmio_bus, dict[int, Mapping]()
     unpack_io = _IO.unpack_from
     from_bytes = int.from_bytes
     IO, MMIO, HLT, INTR = int(X.IO), int(X.MMIO), int(X.HLT), int(X.INTR)  # ints: faster ==
@@ -92,7 +90,9 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
                     )
         elif reason == MMIO:
             addr, data, length, is_write = _MMIO.unpack_from(page, _EXIT_UNION)
-            m = _lookup(mmio, mmio_cache, addr, length)
+            m = mmio_cache.get(addr)
+            if m is None or addr + length > m.end:
+                m = _lookup(mmio, mmio_cache, addr, length)
             if m is None:
                 _unclaimed(machine, vcpu, "MMIO address", addr, length, is_write, page, 40)
                 return
