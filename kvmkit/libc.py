@@ -101,14 +101,20 @@ MPOL_F_ADDR = 1 << 1
 NODEMASK_BITS = 1024
 
 
-def mincore_resident_pages(addr: int, length: int, page_size: int = 4096) -> int:
-    """How many pages of [addr, addr+length) are resident (for a shared file mapping:
-    how many of the file's pages exist)."""
+def mincore(addr: int, length: int, page_size: int = 4096) -> bytes:
+    """One byte per page of [addr, addr+length): non-zero where the page is resident
+    (for a shared file mapping: where the file's page exists)."""
     pages = (length + page_size - 1) // page_size
     vec = (ctypes.c_ubyte * pages)()
     if _mincore(addr, length, vec) != 0:
         raise errno_error("mincore")
-    return pages - bytes(vec).count(0)  # only bit 0 is defined; the rest read as zero
+    return bytes(vec)  # only bit 0 is defined; the rest read as zero
+
+
+def mincore_resident_pages(addr: int, length: int, page_size: int = 4096) -> int:
+    """How many pages of [addr, addr+length) are resident."""
+    vec = mincore(addr, length, page_size)
+    return len(vec) - vec.count(0)
 
 
 def _nodemask(nodes: tuple[int, ...]) -> ctypes.Array:

@@ -13,13 +13,22 @@ class Device(Protocol):
     A device that reads or writes guest RAM itself (DMA, virtqueues) also defines
     `shared_windows() -> list[tuple[int, int]]`: the (gpa, size) ranges it needs
     mapped in the host when guest memory is hidden. Keep them as small as possible.
+
+    Every device declares its state for snapshots and migration: `state_version`
+    (raise it when the meaning of the state changes), `save_state()` returning a
+    JSON-able dict, and `load_state(state)` taking what `save_state` gave.
     """
 
     name: str
+    state_version: int
 
     def read(self, offset: int, size: int) -> int: ...
 
     def write(self, offset: int, size: int, value: int) -> None: ...
+
+    def save_state(self) -> dict[str, object]: ...
+
+    def load_state(self, state: dict[str, object]) -> None: ...
 
 
 class BusError(KvmkitError):

@@ -31,6 +31,7 @@ MSR_IDLE = 0xB0  # DCD | DSR | CTS
 
 class Serial16550:
     name = "serial"
+    state_version = 1
 
     def __init__(
         self,
@@ -63,6 +64,27 @@ class Serial16550:
     def flush(self) -> None:
         with self.lock:
             self._flush_line()
+
+    # -- state (snapshots) --------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """Registers and the receive FIFO. Transmitted bytes are already out: `flush()`
+        first, so a partial line is not held back."""
+        with self.lock:
+            regs = ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm")
+            state: dict[str, object] = {r: getattr(self, r) for r in regs}
+            state["thr_irq_pending"] = self.thr_irq_pending
+            state["rx"] = bytes(self.rx).hex()
+            state["transmitted"] = self.transmitted
+            return state
+
+    def load_state(self, state: dict[str, object]) -> None:
+        with self.lock:
+            for reg in ("ier", "lcr", "mcr", "fcr", "scr", "dll", "dlm"):
+                setattr(self, reg, int(state[reg]) & 0xFF)  # type: ignore[call-overload]
+            self.thr_irq_pending = bool(state["thr_irq_pending"])
+            self.rx = deque(bytes.fromhex(str(state["rx"])))
+            self.transmitted = int(state["transmitted"])  # type: ignore[call-overload]
+            self._update_irq()
 
     # -- guest side ---------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

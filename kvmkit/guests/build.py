@@ -89,6 +89,13 @@ BUILTIN: dict[str, GuestProgram] = {
             LONG_LOAD,
             "writes the POST port --guest-arg times (one exit each), then exits 0",
         ),
+        GuestProgram(
+            "counter",
+            SRC_DIR / "counter.S",
+            "long",
+            LONG_LOAD,
+            "each vCPU counts in memory and prints a running checksum; --guest-arg steps",
+        ),
     )
 }
 

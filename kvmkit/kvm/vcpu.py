@@ -48,19 +48,24 @@ def _ignore_kick(signum: int, frame: object) -> None:
     """A kick only needs to interrupt KVM_RUN with EINTR; nothing to do here."""
 
 
+def install_kick_handler() -> bool:
+    """Install (once, for the life of the process) a no-op KICK_SIGNAL handler, so
+    `Vcpu.kick` interrupts KVM_RUN instead of killing the process. Python sets handlers
+    only on the main thread: elsewhere this returns False unless it is already in place,
+    and kicks then rely on immediate_exit alone (a guest spinning without exits is not
+    interrupted)."""
+    if signal.getsignal(KICK_SIGNAL) is _ignore_kick:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+    return True
+
+
 @contextlib.contextmanager
 def kick_handler() -> Iterator[bool]:
-    """Install a no-op KICK_SIGNAL handler for the duration, so `Vcpu.kick` interrupts
-    KVM_RUN instead of killing the process. Python sets handlers only on the main
-    thread: elsewhere this yields False and kicks rely on immediate_exit alone."""
-    if threading.current_thread() is not threading.main_thread():
-        yield False
-        return
-    previous = signal.signal(KICK_SIGNAL, _ignore_kick)
-    try:
-        yield True
-    finally:
-        signal.signal(KICK_SIGNAL, previous if previous is not None else signal.SIG_DFL)
+    """`install_kick_handler()` as a context: yields whether kicks can interrupt KVM_RUN."""
+    yield install_kick_handler()
 
 
 class Vcpu:
@@ -123,7 +128,10 @@ class Vcpu:
         Pass None for the calling thread, which needs no signal."""
         if self.fd >= 0:
             self.run_struct.immediate_exit = 1
-        if thread_ident is not None:
+        if thread_ident is not None and signal.getsignal(KICK_SIGNAL) not in (
+            signal.SIG_DFL,
+            None,
+        ):  # without a handler (run outside the main thread) the signal would kill us
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(thread_ident, KICK_SIGNAL)
 

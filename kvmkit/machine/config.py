@@ -62,6 +62,7 @@ class MachineConfig:
     prealloc: bool = False
     numa: NumaPolicy | None = None
     hide: str = "off"  # off, unmap (no host mapping of guest RAM), direct-map (and no direct map)
+    irqchip: bool = False  # in-kernel PIC, IOAPIC, LAPICs and PIT; HLT then waits in the kernel
 
     @property
     def program(self) -> GuestProgram | None:
@@ -86,9 +87,10 @@ class MachineConfig:
             return self.entry
         return REAL_LOAD if self.cpu_mode == "real" else LONG_LOAD
 
-    def validate(self, max_vcpus: int | None = None) -> None:
+    def validate(self, max_vcpus: int | None = None, restoring: bool = False) -> None:
         """Raise ConfigError for the first problem found. `max_vcpus` is the host's
-        KVM_CAP_MAX_VCPUS when known."""
+        KVM_CAP_MAX_VCPUS when known. A restored machine's guest comes from the snapshot,
+        so its guest file need not exist."""
         if self.memory_bytes < MIN_MEMORY:
             raise ConfigError(
                 f"memory {format_size(self.memory_bytes)} is too small: kvmkit needs at least"
@@ -129,7 +131,9 @@ class MachineConfig:
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown CPU mode {self.mode!r}: choose long or real")
         program = self.program
-        if program is not None:
+        if restoring:
+            pass
+        elif program is not None:
             if self.mode is not None and self.mode != program.mode:
                 raise ConfigError(
                     f"built-in guest {self.guest!r} runs in {program.mode} mode, not {self.mode}"

@@ -1,22 +1,25 @@
 """`Machine`: a VM built from a `MachineConfig`, one thread per vCPU, devices, lifecycle."""
 
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from kvmkit.devices import DebugExit, PostCode, Serial16550, mmio_bus, pio_bus
+from kvmkit.devices import DebugExit, Device, PostCode, Serial16550, mmio_bus, pio_bus
 from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT
 from kvmkit.devices.post import POST_PORT
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
+from kvmkit.errors import KvmkitError
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
 from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
-from kvmkit.kvm.vcpu import kick_handler
+from kvmkit.kvm.vcpu import install_kick_handler, kick_handler
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
+from kvmkit.machine.pause import PauseGate
 from kvmkit.machine.probes import guest_memfd_runs_unmapped
 from kvmkit.machine.result import (
     EXIT_HOST_ERROR,
@@ -26,6 +29,18 @@ from kvmkit.machine.result import (
 )
 from kvmkit.machine.vcpu_loop import _NR_REASONS, run_vcpu
 from kvmkit.memory import GuestMemory
+from kvmkit.memory.layout import format_size
+from kvmkit.snapshot import file as snapshot_file
+from kvmkit.snapshot.file import SnapshotReport
+from kvmkit.snapshot.lazy import LazyRestore, start_lazy_restore
+from kvmkit.snapshot.machine_state import (
+    ProgressFn,
+    SavedMachine,
+    apply_machine,
+    check_host,
+    check_layout,
+    read_memory,
+)
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.exits import ExitReason
 
@@ -39,7 +54,14 @@ class Machine:
     `serial`, `post`, `pio_bus`, `mmio_bus`.
     """
 
-    def __init__(self, config: MachineConfig, console: BinaryIO | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        console: BinaryIO | None = None,
+        saved: SavedMachine | None = None,
+    ) -> None:
+        """`saved`: build the machine to continue a snapshot's state instead of booting
+        the guest (its memory is loaded by the caller: see `Machine.restore`)."""
         self.config = config
         self.kvm: Kvm | None = None
         self.vm: Vm | None = None
@@ -47,23 +69,36 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self._console_file: BinaryIO | None = None
         self.stopping = threading.Event()
+        self.attention = threading.Event()  # stop or pause: vCPU threads check on EINTR
+        self.gate = PauseGate(self.attention, self.stopping)
+        self.plan: BootPlan | None = None
+        self.restored_from: str | None = None
+        self.restore_notes: list[str] = []
+        self.lazy: LazyRestore | None = None
+        self.started_at: float | None = None
         self._lock = threading.Lock()
         self._result: RunResult | None = None
         self._halted: set[int] = set()
         self._threads: list[threading.Thread] = []
+        install_kick_handler()  # so a pause or stop reaches a vCPU spinning in the guest
         try:
-            self._build(console)
+            self._build(console, saved)
         except BaseException:
             self.close()
             raise
 
     # -- building ---------------------------------------------------------
-    def _build(self, console: BinaryIO | None) -> None:
+    def _build(self, console: BinaryIO | None, saved: SavedMachine | None) -> None:
         config = self.config
         self.kvm = Kvm()
-        config.validate(max_vcpus=self.kvm.check_extension(Cap.MAX_VCPUS))
-        image = self._guest_image()
+        config.validate(
+            max_vcpus=self.kvm.check_extension(Cap.MAX_VCPUS), restoring=saved is not None
+        )
+        image = self._guest_image() if saved is None else b""
         self.vm = self.kvm.create_vm()
+        if config.irqchip:
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
         self.memory = GuestMemory(
             self.vm,
             config.memory_bytes,
@@ -73,9 +108,11 @@ class Machine:
             prealloc=config.prealloc,
             no_direct_map=config.hide == "direct-map",
         )
-        if config.cpu_mode == "long":
+        if saved is not None:
+            check_layout(saved.machine, self.memory)
+        elif config.cpu_mode == "long":
             flags = BOOT_FLAG_PVM_HOST if self.kvm.is_pvm else 0
-            self.plan: BootPlan = load_long_mode(
+            self.plan = load_long_mode(
                 self.memory, image, config.load_addr, config.vcpus, config.guest_arg, flags
             )
         else:
@@ -97,7 +134,10 @@ class Machine:
         for i in range(config.vcpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
-            setup_vcpu(vcpu, self.plan, supported)
+            if self.plan is not None:
+                setup_vcpu(vcpu, self.plan, supported)
+        if saved is not None:
+            apply_machine(saved, self.vm, self.vcpus, self.devices)
 
     def _hide_guest_memory(self) -> None:
         """Unmap guest RAM from this process, keeping only windows devices declare."""
@@ -144,7 +184,8 @@ class Machine:
         if self._threads:
             raise RuntimeError("a Machine runs once; build a new one to run again")
         counts = [[0] * _NR_REASONS for _ in self.vcpus]
-        start = time.monotonic()
+        start = self.started_at = time.monotonic()
+        self.gate.start([v.index for v in self.vcpus])
         with kick_handler():
             for vcpu, c in zip(self.vcpus, counts, strict=True):
                 t = threading.Thread(
@@ -199,6 +240,8 @@ class Machine:
                 return
             self._result = RunResult(status=status, reason=reason, detail=detail)
         self.stopping.set()
+        self.attention.set()
+        self.gate.wake()
         self._kick_all()
 
     def _kick_all(self) -> None:
@@ -216,9 +259,157 @@ class Machine:
     def _guest_exit(self, value: int) -> None:
         self.stop(value & 0xFF, f"guest exited with status {value}")
 
+    # -- pause, resume, state (called from a controller thread) -------------
+    @property
+    def devices(self) -> dict[str, Device]:
+        """Every device by name: the ones whose state a snapshot carries."""
+        found: dict[str, Device] = {}
+        for bus in (self.pio_bus, self.mmio_bus):
+            for mapping in bus.mappings():
+                found[mapping.device.name] = mapping.device
+        return found
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self.stopping.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return self.gate.paused
+
+    def request_pause(self) -> None:
+        """Ask every vCPU to stop at its next clean point; does not wait (safe from a
+        device handler running on a vCPU thread)."""
+        self.gate.request(self._kick_all)
+
+    def pause(self, timeout_s: float = 10.0) -> None:
+        """Stop every vCPU at a clean point (no exit half-done) and wait for it."""
+        if not self.running:
+            raise KvmkitError("the machine is not running, so it cannot be paused")
+        self.gate.pause(self._kick_all, timeout_s)
+
+    def resume(self) -> None:
+        self.gate.resume()
+
+    def status(self) -> dict[str, Any]:
+        state = "stopped" if self.stopping.is_set() else "paused" if self.paused else "running"
+        if not self._threads and state == "running":
+            state = "created"
+        assert self.memory is not None
+        return {
+            "state": state,
+            "vcpus": len(self.vcpus),
+            "memory_bytes": self.memory.size_bytes,
+            "backend": self.memory.backend_name,
+            "populated_bytes": self.memory.populated_bytes(),
+            "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0,
+            "restored_from": self.restored_from,
+            "result": self._result.reason if self._result else None,
+        }
+
+    def state_description(self) -> dict[str, Any]:
+        """What a snapshot records about this machine besides KVM and device state."""
+        assert self.memory is not None
+        c = self.config
+        return {
+            "memory_bytes": self.memory.size_bytes,
+            "vcpus": len(self.vcpus),
+            "backend": self.memory.backend_name,
+            "hugepage_size": c.hugepage_size,
+            "guest": c.guest,
+            "guest_arg": c.guest_arg,
+            "mode": c.cpu_mode,
+            "irqchip": c.irqchip,
+            "pit": c.irqchip,
+            "regions": [[r.slot, r.gpa, r.size, r.offset] for r in self.memory.regions],
+            "summary": (
+                f"{len(self.vcpus)} vCPU, {format_size(self.memory.size_bytes)}"
+                f" {self.memory.backend_name}, guest {c.guest}"
+            ),
+        }
+
+    def snapshot(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        compress_level: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> SnapshotReport:
+        """Pause, write a snapshot, then resume if `resume` (else stay paused). If
+        writing fails, the machine returns to how it was (running or paused) and no
+        file is left."""
+        if self.memory is not None and self.memory.hidden:
+            raise KvmUnsupportedError(
+                "snapshot", "guest memory is hidden from kvmkit, so it cannot be saved"
+            )
+        was_paused = self.paused
+        self.pause()
+        try:
+            self.serial.flush()
+            report = snapshot_file.save(path, self, compress_level, progress)
+        except BaseException:
+            if not was_paused:
+                self.resume()
+            raise
+        if resume:
+            self.resume()
+        return report
+
+    @classmethod
+    def restore(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        memory_backend: str | None = None,
+        console: str | None = None,
+        console_stream: BinaryIO | None = None,
+        lazy: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> "Machine":
+        """A machine that continues the snapshot at `path` when `run()`. Every section
+        is verified before the machine is built or any guest code runs."""
+        snap = snapshot_file.SnapshotFile(path)
+        try:
+            saved = snap.saved
+            m = saved.machine
+            backend = memory_backend or str(m["backend"])
+            with Kvm() as kvm:
+                warnings = check_host(saved.header, kvm, backend, f"snapshot {path}")
+            config = MachineConfig(
+                memory_bytes=int(m["memory_bytes"]),
+                vcpus=int(m["vcpus"]),
+                memory_backend=backend,
+                guest=str(m["guest"]),
+                guest_arg=int(m["guest_arg"]),
+                hugepage_size=int(m["hugepage_size"]),
+                irqchip=bool(m["irqchip"]),
+                console=console,
+            )
+            machine = cls(config, console_stream, saved=saved)
+            try:
+                assert machine.memory is not None
+                if lazy:
+                    machine.lazy = start_lazy_restore(snap, machine.memory)
+                    snap = None  # the lazy loader owns the file now
+                else:
+                    read_memory(snap.reader, machine.memory, saved.memory_index, progress)
+            except BaseException:
+                machine.close()
+                raise
+            machine.restored_from = str(path)
+            machine.restore_notes = warnings
+            return machine
+        finally:
+            if snap is not None:
+                snap.close()
+
     # -- teardown ---------------------------------------------------------
     def close(self) -> None:
         """Close every fd and mapping this machine opened. Idempotent."""
+        if self.lazy is not None:
+            self.lazy.close()
+            self.lazy = None
         for vcpu in self.vcpus:
             vcpu.close()
         if self.memory is not None:

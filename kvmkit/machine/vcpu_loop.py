@@ -40,6 +40,8 @@ def run_vcpu(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
         machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: {e}")
     except Exception as e:  # a device or kvmkit bug: report it, never hang the machine
         machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: internal error: {type(e).__name__}: {e}")
+    finally:
+        machine.gate.gone(vcpu.index)
 
 
 def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
@@ -50,6 +52,7 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
     run = vcpu.run_struct
     page = vcpu.run_page
     stopping = machine.stopping.is_set
+    attention = machine.attention.is_set
     pio, pio_cache = machine.pio_bus, dict[int, Mapping]()
     mmio, mmio_cache = machine.mmio_bus, dict[int, Mapping]()
     unpack_io = _IO.unpack_from
@@ -61,6 +64,9 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
             err = ctypes.get_errno()
             if err == errno.EINTR or err == errno.EAGAIN:
                 counts[INTR] += 1
+                # A kick: KVM has completed any pending exit, so the vCPU is settled.
+                if attention() and not machine.gate.park(vcpu):
+                    return
                 continue
             raise KvmError("KVM_RUN", err)
         reason = run.exit_reason

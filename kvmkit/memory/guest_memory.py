@@ -130,6 +130,17 @@ class GuestMemory:
             )
         return window, off - window.offset
 
+    def file_view(self, offset: int, length: int) -> memoryview:
+        """A zero-copy view of the backend file's bytes [offset, offset+length), through
+        whichever host window covers them (for whole-memory copies: snapshots)."""
+        window = self.mappings.covering(offset, max(length, 1))
+        if window is None:
+            raise GuestMemoryError(
+                f"guest RAM file range {offset:#x}+{length:#x} is not mapped in the host"
+            )
+        rel = offset - window.offset
+        return window.view[rel : rel + length]
+
     def host_address(self, gpa: int) -> int:
         window, rel = self._window(gpa, 1)
         return window.addr + rel

@@ -1,0 +1,278 @@
+"""The whole-machine state model shared by snapshots and migration.
+
+A stream holds, in order: the header (who wrote it, on what host, which KVM
+capabilities the state depends on), the MACHINE section (configuration and memory
+layout), the VM section, one VCPU section per vCPU, the DEVICES section, the memory
+index and memory chunks, then END.
+"""
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvmkit import __version__
+from kvmkit.arch.x86.host_cpu import host_cpu
+from kvmkit.devices.bus import Device
+from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
+from kvmkit.memory import GuestMemory
+from kvmkit.snapshot import cpu_state
+from kvmkit.snapshot.format import (
+    DEVICES,
+    END,
+    MACHINE,
+    MEMORY,
+    VCPU,
+    VM,
+    StreamFormatError,
+    StreamReader,
+    StreamWriter,
+    pack_items,
+    pack_json,
+    unpack_items,
+    unpack_json,
+)
+from kvmkit.snapshot.memory_image import (
+    Extent,
+    chunked,
+    pack_index,
+    populated_extents,
+    unpack_index,
+)
+from kvmkit.uapi.caps import Cap
+
+# Capabilities whose state a stream carries, by the state item that needs them.
+ITEM_CAPS = {
+    "xsave": "XSAVE",
+    "xcrs": "XCRS",
+    "events": "VCPU_EVENTS",
+    "mp_state": "MP_STATE",
+    "debugregs": "DEBUGREGS",
+    "clock": "ADJUST_CLOCK",
+    "lapic": "IRQCHIP",
+    "pic_master": "IRQCHIP",
+    "pic_slave": "IRQCHIP",
+    "ioapic": "IRQCHIP",
+    "pit2": "PIT_STATE2",
+}
+GMEM_CAPS = ("USER_MEMORY2", "GUEST_MEMFD", "GUEST_MEMFD_FLAGS")
+
+
+class Capturable(Protocol):
+    """What a machine offers to be saved (kvmkit.machine.Machine is one)."""
+
+    kvm: Kvm | None
+    vm: Vm | None
+    memory: GuestMemory | None
+    vcpus: list[Vcpu]
+
+    @property
+    def devices(self) -> dict[str, Device]: ...
+
+    def state_description(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class SavedMachine:
+    """Everything of a stream except the memory contents."""
+
+    header: dict[str, Any]
+    machine: dict[str, Any]
+    vm: dict[str, bytes]
+    vcpus: list[dict[str, bytes]]
+    devices: dict[str, Any]
+    memory_index: list[Extent] = field(default_factory=list)
+
+
+@dataclass
+class WriteStats:
+    memory_bytes: int = 0
+    chunks: int = 0
+    method: str = ""
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+# -- writing ----------------------------------------------------------------------------
+def header_for(
+    machine: Capturable, kind: str, vm_state: dict[str, bytes], vcpus: list[dict[str, bytes]]
+) -> dict[str, Any]:
+    assert machine.kvm is not None and machine.memory is not None
+    items = set(vm_state) | {name for v in vcpus for name in v}
+    caps = {ITEM_CAPS[i] for i in items if i in ITEM_CAPS}
+    if machine.memory.backend_name == "guest_memfd":
+        caps.update(GMEM_CAPS)
+    return {
+        "kind": kind,
+        "kvmkit_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host_cpu": host_cpu().to_dict(),
+        "kernel": os.uname().release,
+        "kvm_backend": "pvm" if machine.kvm.is_pvm else "kvm",
+        "requires": {name: machine.kvm.check_extension(Cap[name]) for name in sorted(caps)},
+        "summary": machine.state_description()["summary"],
+    }
+
+
+def write_machine(
+    writer: StreamWriter,
+    machine: Capturable,
+    kind: str = "snapshot",
+    progress: ProgressFn | None = None,
+) -> WriteStats:
+    """Write a stopped machine (every vCPU out of KVM_RUN, no exit pending)."""
+    assert machine.vm is not None and machine.memory is not None and machine.kvm is not None
+    description = machine.state_description()
+    irqchip, pit = bool(description["irqchip"]), bool(description["pit"])
+    msrs = cpu_state.readable_msrs(machine.vcpus[0], machine.kvm.msr_index_list())
+    vcpus = [cpu_state.capture_vcpu(v, msrs, irqchip) for v in machine.vcpus]
+    vm_state = cpu_state.capture_vm(machine.vm, irqchip, pit)
+    devices = {
+        name: {"version": dev.state_version, "state": dev.save_state()}
+        for name, dev in machine.devices.items()
+    }
+    extents, method = populated_extents(machine.memory)
+    chunks = chunked(extents)
+
+    writer.write_header(header_for(machine, kind, vm_state, vcpus))
+    writer.write_section(MACHINE, [pack_json(description)])
+    writer.write_section(VM, [pack_items(vm_state)])
+    for v in vcpus:
+        writer.write_section(VCPU, [pack_items(v)])
+    writer.write_section(DEVICES, [pack_json(devices)])
+    writer.write_section(MEMORY, [pack_index(chunks)])
+    total = sum(c.length for c in chunks)
+    done = 0
+    for c in chunks:
+        writer.write_section(MEMORY, [machine.memory.file_view(c.offset, c.length)], compress=True)
+        done += c.length
+        if progress is not None:
+            progress(done, total)
+    writer.end()
+    return WriteStats(memory_bytes=total, chunks=len(chunks), method=method)
+
+
+# -- reading ----------------------------------------------------------------------------
+def _expect(reader: StreamReader, tag: bytes, what: str) -> memoryview:
+    head = reader.next_section()
+    if head.tag != tag:
+        raise StreamFormatError(f"{reader.what}: {head.label}: expected the {what} section here")
+    return reader.read_payload(head)
+
+
+def read_machine(reader: StreamReader) -> SavedMachine:
+    """Read and verify everything up to the memory chunks."""
+    header = reader.read_header()
+    machine = unpack_json(_expect(reader, MACHINE, "machine description"), "machine section")
+    if not isinstance(machine, dict) or "vcpus" not in machine or "memory_bytes" not in machine:
+        raise StreamFormatError(f"{reader.what}: the machine section lacks vcpus/memory_bytes")
+    vm = unpack_items(_expect(reader, VM, "VM state"), "VM section")
+    vcpus = []
+    for i in range(int(machine["vcpus"])):
+        vcpus.append(unpack_items(_expect(reader, VCPU, f"vCPU {i} state"), f"vCPU {i} section"))
+    devices = unpack_json(_expect(reader, DEVICES, "device state"), "device section")
+    index = unpack_index(
+        _expect(reader, MEMORY, "memory index"), int(machine["memory_bytes"]), "memory index"
+    )
+    return SavedMachine(header, machine, vm, vcpus, devices, index)
+
+
+def read_memory(
+    reader: StreamReader,
+    memory: GuestMemory,
+    index: list[Extent],
+    progress: ProgressFn | None = None,
+) -> int:
+    """Read every memory chunk straight into guest RAM, then the end marker."""
+    total = sum(c.length for c in index)
+    done = 0
+    for i, chunk in enumerate(index):
+        head = reader.next_section()
+        if head.tag != MEMORY:
+            raise StreamFormatError(
+                f"{reader.what}: {head.label}: expected memory chunk {i} of {len(index)}"
+            )
+        reader.read_payload(head, into=memory.file_view(chunk.offset, chunk.length))
+        done += chunk.length
+        if progress is not None:
+            progress(done, total)
+    head = reader.next_section()
+    if head.tag != END:
+        raise StreamFormatError(f"{reader.what}: {head.label}: expected the end marker")
+    reader.read_payload(head)
+    return total
+
+
+def apply_machine(
+    saved: SavedMachine, vm: Vm, vcpus: list[Vcpu], devices: dict[str, Device]
+) -> None:
+    """Load VM, vCPU and device state into a freshly built machine."""
+    cpu_state.apply_vm(vm, saved.vm, "VM state")
+    for i, (vcpu, state) in enumerate(zip(vcpus, saved.vcpus, strict=True)):
+        cpu_state.apply_vcpu(vcpu, state, f"vCPU {i} state")
+    for name, entry in saved.devices.items():
+        device = devices.get(name)
+        if device is None:
+            raise StreamFormatError(f"device section: this machine has no device {name!r}")
+        version = int(entry.get("version", 0))
+        if version > device.state_version:
+            raise StreamFormatError(
+                f"device section: {name} state version {version} is newer than this kvmkit's"
+                f" ({device.state_version}): upgrade kvmkit"
+            )
+        device.load_state(entry.get("state", {}))
+
+
+# -- host compatibility -------------------------------------------------------------------
+def check_host(header: dict[str, Any], kvm: Kvm, backend: str, what: str) -> list[str]:
+    """Refuse a stream this host cannot run; return warnings worth printing."""
+    saved_cpu = header.get("host_cpu", {})
+    here = host_cpu()
+    if saved_cpu.get("arch") != here.arch:
+        raise StreamFormatError(
+            f"{what} was taken on {saved_cpu.get('arch')!r}; this host is {here.arch!r}: a"
+            " snapshot restores only on the same architecture"
+        )
+    if saved_cpu.get("vendor") != here.vendor:
+        raise StreamFormatError(
+            f"{what} was taken on a {saved_cpu.get('vendor')} CPU; this host's is {here.vendor}:"
+            " the saved CPU state does not carry across vendors"
+        )
+    warnings = []
+    if (saved_cpu.get("family"), saved_cpu.get("model")) != (here.family, here.model):
+        warnings.append(
+            f"taken on CPU family {saved_cpu.get('family')} model {saved_cpu.get('model')};"
+            f" this is family {here.family} model {here.model}: the guest keeps its saved CPUID"
+        )
+    for name, value in header.get("requires", {}).items():
+        if name in GMEM_CAPS and backend != "guest_memfd":
+            continue
+        try:
+            cap = Cap[name]
+        except KeyError:
+            raise KvmUnsupportedError(
+                f"restoring {what}", f"it needs KVM_CAP_{name}, which this kvmkit does not know"
+            ) from None
+        have = kvm.check_extension(cap)
+        short = (have & value) != value if name == "GUEST_MEMFD_FLAGS" else not have
+        if short:
+            raise KvmUnsupportedError(
+                f"restoring {what}",
+                f"this host lacks KVM_CAP_{name} (saved host: {value:#x}, here: {have:#x}),"
+                " which the saved state needs",
+            )
+    return warnings
+
+
+def check_layout(machine: dict[str, Any], memory: GuestMemory) -> None:
+    """Refuse a snapshot whose guest-physical layout differs from what this kvmkit builds."""
+    saved = [list(r) for r in machine.get("regions", [])]
+    here = [[r.slot, r.gpa, r.size, r.offset] for r in memory.regions]
+    if saved != here:
+        raise StreamFormatError(
+            f"machine section: the saved memory layout {saved} differs from the one this kvmkit"
+            f" builds for {memory.size_bytes} bytes ({here}): restore with the kvmkit version"
+            f" that took it"
+        )
