@@ -22,6 +22,7 @@ EXPECTED_CONSOLE = {
     "hello16": b"hello from real mode\n",
     "exitloop": b"",
     "touch": b"",
+    "counter": b"cpu0 n=10 sum=0xe11826c763805db8\n",
 }
 
 
