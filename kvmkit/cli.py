@@ -4,7 +4,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvmkit import __version__
+from kvmkit import __version__, cli_snapshot
+from kvmkit.api.server import ApiServer
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.guests.build import BUILTIN
 from kvmkit.machine import Machine, MachineConfig, RunResult
@@ -141,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a number passed to the guest in boot info (exitloop: iterations)",
     )
     run.add_argument(
+        "--irqchip",
+        action="store_true",
+        help="give the guest KVM's in-kernel PIC, IOAPIC, LAPICs and PIT (HLT then waits in"
+        " the kernel, so a guest ends through the debug-exit port)",
+    )
+    run.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="serve the control API (status, pause, resume, snapshot, stop) on a Unix socket"
+        " at PATH, mode 0600; see 'kvmkit ctl' and 'kvmkit snapshot'",
+    )
+    run.add_argument(
         "--quiet",
         "-q",
         action="store_true",
@@ -164,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--filter", "-k", default="", metavar="TEXT", help="run only checks whose name has TEXT"
     )
     selftest.add_argument("--list", action="store_true", help="list the checks, run nothing")
+
+    cli_snapshot.add_parsers(sub, _Parser)
 
     sub.add_parser(
         "guests",
@@ -189,6 +204,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         if args.numa_node is None
         else NumaPolicy(args.numa_policy, parse_nodes(args.numa_node)),
         hide=args.hide_guest_memory,
+        irqchip=args.irqchip,
     )
 
 
@@ -209,13 +225,25 @@ def format_summary(r: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    with Machine(config) as machine:
-        result = machine.run()
+    return run_machine(Machine(config_from_args(args)), args)
+
+
+def run_machine(machine: Machine, args: argparse.Namespace) -> int:
+    """Run a built (or restored) machine to its end, with the control API if asked;
+    print the summary; return the exit status."""
+    with machine:
+        server = ApiServer(args.api_socket, machine).start() if args.api_socket else None
+        try:
+            result = machine.run()
+        finally:
+            if server is not None:
+                server.close()
     if result.detail:
         print(f"kvmkit: {result.reason}\n{result.detail}", file=sys.stderr)
     if not args.quiet:
         print(format_summary(result), file=sys.stderr)
+        if machine.restored_from:
+            print(f"  restored     from {machine.restored_from}", file=sys.stderr)
     elif result.status and not result.detail:
         print(f"kvmkit: {result.reason}", file=sys.stderr)
     return result.status
@@ -255,7 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        commands = {"run": cmd_run, "selftest": cmd_selftest, "guests": cmd_guests}
+        commands = {
+            "run": cmd_run,
+            "selftest": cmd_selftest,
+            "guests": cmd_guests,
+            "snapshot": lambda a: cli_snapshot.cmd_snapshot(a, run_machine),
+            "ctl": cli_snapshot.cmd_ctl,
+        }
         return commands[args.command](args)
     except ConfigError as e:
         print(f"kvmkit: error: {e}", file=sys.stderr)

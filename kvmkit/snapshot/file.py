@@ -195,7 +195,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
             sections.append(
                 {
                     "index": head.index,
-                    "section": section_label(head.tag),
+                    "section": "memory index" if head.tag == MEMORY else section_label(head.tag),
                     "offset": head.offset,
                     "stored_bytes": head.stored_bytes,
                     "raw_bytes": head.raw_bytes,
