@@ -34,7 +34,7 @@ class FaultPlan:
         for rule in self.rules:
             if rule.site == site and rule.fires(call):
                 self.injected.append((site, call, rule.errno))
-                raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected at {site})")
+                raise OSError(rule.errno, os.strerror(rule.errno), f"fault injected at {site}")
 
 
 _lock = threading.Lock()

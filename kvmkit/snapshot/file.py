@@ -100,9 +100,10 @@ def save(
             errno_mod.EDQUOT: "the disk quota is full: free space or write elsewhere",
             errno_mod.EACCES: f"kvmkit may not write in {target.parent}",
         }.get(e.errno or 0, "check the file system")
+        injected = f" [{e.filename}]" if str(e.filename).startswith("fault injected") else ""
         raise SnapshotWriteError(
-            f"writing snapshot {target} failed: {e.strerror or e} ({name}); no snapshot file"
-            f" was left, and the VM is unchanged; {hint}"
+            f"writing snapshot {target} failed: {os.strerror(e.errno or 0)} ({name}){injected};"
+            f" no snapshot file was left, and the VM is unchanged; {hint}"
         ) from None
     except BaseException:
         _discard(fd, tmp)
