@@ -19,7 +19,6 @@ from kvmkit.faults import FaultPlan, FaultRule, active_plan
 from kvmkit.kvm import KvmUnsupportedError
 from kvmkit.machine import Machine
 from kvmkit.snapshot.file import SnapshotFile, SnapshotWriteError, inspect
-from kvmkit.snapshot.format import StreamFormatError
 
 from .conftest import open_fds
 from .snapshot_helpers import (
