@@ -343,6 +343,8 @@ class Machine:
             raise KvmUnsupportedError(
                 "snapshot", "guest memory is hidden from kvmkit, so it cannot be saved"
             )
+        if self.lazy is not None:
+            self.lazy.wait()  # a snapshot needs every page of the one it came from
         was_paused = self.paused
         self.pause()
         try:
@@ -365,6 +367,7 @@ class Machine:
         console: str | None = None,
         console_stream: BinaryIO | None = None,
         lazy: bool = False,
+        prefetch: bool = True,
         progress: ProgressFn | None = None,
     ) -> "Machine":
         """A machine that continues the snapshot at `path` when `run()`. Every section
@@ -390,8 +393,9 @@ class Machine:
             try:
                 assert machine.memory is not None
                 if lazy:
-                    machine.lazy = start_lazy_restore(snap, machine.memory)
+                    machine.lazy = start_lazy_restore(snap, machine.memory, prefetch)
                     snap = None  # the lazy loader owns the file now
+                    machine.lazy.on_error = lambda why: machine.stop(EXIT_HOST_ERROR, why)
                 else:
                     read_memory(snap.reader, machine.memory, saved.memory_index, progress)
             except BaseException:

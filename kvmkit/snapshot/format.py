@@ -15,6 +15,7 @@ computed on a helper thread while the payload is written.
 """
 
 import json
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable
@@ -316,6 +317,21 @@ class StreamReader:
         if head.tag == END:
             self._check_end(head, stored)
         return stored
+
+    def pread_payload(self, fd: int, head: SectionHead) -> memoryview:
+        """Read and verify one payload by position (random access into a file), without
+        moving the stream."""
+        data = os.pread(fd, head.stored_bytes + _CRC.size, head.payload_offset)
+        if len(data) != head.stored_bytes + _CRC.size:
+            raise StreamFormatError(f"{self.what} is truncated: it ends inside {head.label}")
+        payload = memoryview(data)[: head.stored_bytes]
+        (crc,) = _CRC.unpack_from(data, head.stored_bytes)
+        if zlib.crc32(payload) != crc:
+            raise StreamFormatError(
+                f"{self.what}: {head.label}: checksum mismatch: the"
+                f" {section_label(head.tag)} data is corrupted"
+            )
+        return self._decompress(head, payload) if head.flags & FLAG_ZSTD else payload
 
     def _decompress(self, head: SectionHead, data: memoryview) -> memoryview:
         if self._decompressor is None:

@@ -336,3 +336,33 @@ def test_api_socket_is_private_and_answers_errors_clearly(tmp_path):
         server.close()
         run.kill()
     assert not os.path.exists(tmp_path / "vm.sock")
+
+
+# -- lazy restore ----------------------------------------------------------------------------
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_lazy_restore_serves_guest_faults_and_continues(tmp_path, prefetch):
+    steps = 600
+    run = Running(counter_config(tmp_path / "a.txt", steps, vcpus=2, backend="memfd"))
+    time.sleep(0.1)
+    run.machine.snapshot(tmp_path / "l.snap")
+    run.kill()
+    m = Machine.restore(
+        tmp_path / "l.snap", lazy=True, prefetch=prefetch, console=str(tmp_path / "b.txt")
+    )
+    with m:
+        lazy = m.lazy
+        assert m.run().status == 0
+        if not prefetch:  # everything the guest got, it got through its own faults
+            assert lazy.stats.faults > 0 and lazy.stats.windows_on_demand > 0
+            assert lazy.stats.windows_prefetched == 0
+    text = (tmp_path / "a.txt").read_text() + (tmp_path / "b.txt").read_text()
+    assert_counter_output(text, 2, steps)
+
+
+def test_lazy_restore_of_guest_memfd_memory_is_refused_with_the_way_out(tmp_path, good_snapshot):
+    path = tmp_path / "g.snap"
+    path.write_bytes(good_snapshot)
+    before = open_fds()
+    with pytest.raises(KvmUnsupportedError, match="--memory-backend memfd --lazy"):
+        Machine.restore(path, lazy=True, console="none")
+    assert open_fds() == before
