@@ -168,3 +168,27 @@ def get_mempolicy_at(addr: int) -> tuple[int, tuple[int, ...]]:
         raise errno_error("get_mempolicy")
     nodes = tuple(i for i in range(NODEMASK_BITS) if mask[i // 64] >> (i % 64) & 1)
     return mode.value, nodes
+
+
+SYS_cachestat = 451
+
+
+class _cachestat_range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+def cachestat_pages(fd: int, offset: int, length: int) -> int:
+    """cachestat(2) (6.5+): how many pages of the file's [offset, offset+length) are in
+    its page cache. Its cost follows the pages present, not the range's size."""
+    rng = _cachestat_range(offset, length)
+    out = _cachestat()
+    if _syscall(SYS_cachestat, fd, ctypes.byref(rng), ctypes.byref(out), 0) < 0:
+        raise errno_error("cachestat")
+    return int(out.nr_cache)

@@ -34,6 +34,7 @@ _PRELUDE = struct.Struct("<8sII")  # magic, version, header length
 _CRC = struct.Struct("<I")
 _SECTION = struct.Struct("<4sHHQQ")  # tag, flags, reserved, stored length, raw length
 _END = struct.Struct("<IQ")
+END_BYTES = _END.size
 
 FLAG_ZSTD = 0x1
 KNOWN_FLAGS = FLAG_ZSTD
@@ -318,19 +319,57 @@ class StreamReader:
             self._check_end(head, stored)
         return stored
 
-    def pread_payload(self, fd: int, head: SectionHead) -> memoryview:
-        """Read and verify one payload by position (random access into a file), without
-        moving the stream."""
-        data = os.pread(fd, head.stored_bytes + _CRC.size, head.payload_offset)
-        if len(data) != head.stored_bytes + _CRC.size:
+    def read_payload_unverified(self, head: SectionHead, into: memoryview) -> Callable[[], None]:
+        """Read an uncompressed payload into `into` and return the check to run on it
+        (raising StreamFormatError), so a caller can checksum one payload on another
+        thread while reading the next."""
+        if head.flags & FLAG_ZSTD or len(into) != head.raw_bytes:
+            self.read_payload(head, into)
+            return lambda: None
+        self._read_exact(into, head.label)
+        (crc,) = _CRC.unpack(self._read(_CRC.size, head.label))
+
+        def verify() -> None:
+            computed = zlib.crc32(into)
+            if crc != computed:
+                raise StreamFormatError(
+                    f"{self.what}: {head.label}: checksum mismatch (stored {crc:#010x},"
+                    f" computed {computed:#010x}): the {section_label(head.tag)} data is"
+                    " corrupted"
+                )
+
+        return verify
+
+    def pread_section(self, fd: int, head: SectionHead) -> memoryview:
+        """Read one whole section by position (random access into a file, in one read),
+        check that its head is the one expected, verify and return its payload. The
+        stream position does not move."""
+        size = SECTION_OVERHEAD + head.stored_bytes
+        data = os.pread(fd, size, head.offset)
+        if len(data) != size:
             raise StreamFormatError(f"{self.what} is truncated: it ends inside {head.label}")
-        payload = memoryview(data)[: head.stored_bytes]
-        (crc,) = _CRC.unpack_from(data, head.stored_bytes)
+        raw_head = data[: _SECTION.size]
+        (head_crc,) = _CRC.unpack_from(data, _SECTION.size)
+        if zlib.crc32(raw_head) != head_crc or _SECTION.unpack(raw_head) != (
+            head.tag,
+            head.flags,
+            0,
+            head.stored_bytes,
+            head.raw_bytes,
+        ):
+            raise StreamFormatError(
+                f"{self.what}: {head.label}: the section head is corrupted or not where the"
+                " memory index puts it"
+            )
+        payload = memoryview(data)[_SECTION.size + _CRC.size : size - _CRC.size]
+        (crc,) = _CRC.unpack_from(data, size - _CRC.size)
         if zlib.crc32(payload) != crc:
             raise StreamFormatError(
                 f"{self.what}: {head.label}: checksum mismatch: the"
                 f" {section_label(head.tag)} data is corrupted"
             )
+        if head.tag == END:
+            self._check_end(head, payload)
         return self._decompress(head, payload) if head.flags & FLAG_ZSTD else payload
 
     def _decompress(self, head: SectionHead, data: memoryview) -> memoryview:

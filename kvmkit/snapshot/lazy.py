@@ -24,7 +24,14 @@ from kvmkit.memory import GuestMemory
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.memory.userfault import Userfaultfd
 from kvmkit.snapshot.file import SnapshotFile
-from kvmkit.snapshot.format import END, MEMORY, SectionHead, StreamFormatError
+from kvmkit.snapshot.format import (
+    END,
+    END_BYTES,
+    MEMORY,
+    SECTION_OVERHEAD,
+    SectionHead,
+    StreamFormatError,
+)
 from kvmkit.snapshot.memory_image import CHUNK_BYTES, Extent
 
 ErrorFn = Callable[[str], None]
@@ -55,7 +62,9 @@ class LazyRestore:
         self._closed = threading.Event()
         self._zero = (ctypes.c_char * PAGE_SIZE)()
         self._zero_addr = ctypes.addressof(self._zero)
-        self._windows = self._map_chunks()
+        self._windows = self._map_chunks()  # not yet claimed by a loader
+        self._extents = {w: [e for e, _ in chunks] for w, chunks in self._windows.items()}
+        self._in_flight: set[int] = set()
         self._pending = sorted(self._windows)
         window = memory.mappings.covering(0, memory.size_bytes)
         if window is None:
@@ -72,6 +81,9 @@ class LazyRestore:
                 f" ({e.strerror}); restore with --memory-backend memfd --lazy, or without --lazy",
             ) from None
         self._start = time.monotonic()
+        if not self._windows:
+            with self._lock:
+                self._complete()
         self._threads = [
             threading.Thread(target=self._serve_faults, name="kvmkit-uffd", daemon=True)
         ]
@@ -83,76 +95,111 @@ class LazyRestore:
             t.start()
 
     def _map_chunks(self) -> dict[int, list[tuple[Extent, SectionHead]]]:
-        """Walk the chunk heads (seeking past payloads) and check the end marker, so a
-        truncated file is refused before the guest starts."""
-        reader = self.snap.reader
+        """Where each chunk's section is, without reading the chunks: for an uncompressed
+        snapshot the memory index gives every position, and one read of the end marker
+        (which records its own position and the section count) confirms the layout, so
+        this costs the same for 1 GiB and 8 GiB. A compressed snapshot is walked head by
+        head instead. Either way a truncated file is refused before the guest starts;
+        each chunk's head and checksum are verified when it is loaded."""
+        reader, fd = self.snap.reader, self.snap.file.fileno()
+        index = self.snap.saved.memory_index
+        heads, pos = [], reader.offset
+        for i, extent in enumerate(index):
+            heads.append(
+                SectionHead(reader.sections + i, MEMORY, 0, extent.length, extent.length, pos)
+            )
+            pos += SECTION_OVERHEAD + extent.length
+        end = SectionHead(reader.sections + len(index), END, 0, END_BYTES, END_BYTES, pos)
+        try:
+            reader.pread_section(fd, end)
+        except StreamFormatError:
+            heads = self._walk_heads(index)  # compressed chunks: sizes vary
         windows: dict[int, list[tuple[Extent, SectionHead]]] = {}
-        for i, extent in enumerate(self.snap.saved.memory_index):
+        for extent, head in zip(index, heads, strict=True):
+            windows.setdefault(extent.offset // CHUNK_BYTES, []).append((extent, head))
+        return windows
+
+    def _walk_heads(self, index: list[Extent]) -> list[SectionHead]:
+        reader = self.snap.reader
+        heads = []
+        for i, extent in enumerate(index):
             head = reader.next_section()
             if head.tag != MEMORY or head.raw_bytes != extent.length:
                 raise StreamFormatError(f"{reader.what}: {head.label}: not memory chunk {i}")
             reader.skip_payload(head, self.snap.file.seek)
-            windows.setdefault(extent.offset // CHUNK_BYTES, []).append((extent, head))
+            heads.append(head)
         head = reader.next_section()
         if head.tag != END:
             raise StreamFormatError(f"{reader.what}: {head.label}: expected the end marker")
         reader.read_payload(head)
-        return windows
+        return heads
 
     # -- loading ------------------------------------------------------------------------
-    def _load_window(self, window: int) -> bool:
-        """Copy every chunk of `window` into place (caller holds the lock); False if it
-        was already loaded."""
-        chunks = self._windows.pop(window, None)
-        if chunks is None:
-            return False
+    # Disk reads and copies run outside the lock, so a guest fault never waits behind a
+    # prefetch read of another window; the lock only hands out windows.
+    def _claim(self, window: int) -> list[tuple[Extent, SectionHead]] | None:
+        with self._lock:
+            chunks = self._windows.pop(window, None)
+            if chunks is not None:
+                self._in_flight.add(window)
+            return chunks
+
+    def _load(self, window: int, chunks: list[tuple[Extent, SectionHead]]) -> None:
         fd = self.snap.file.fileno()
         for extent, head in chunks:
-            data = self.snap.reader.pread_payload(fd, head)
+            data = self.snap.reader.pread_section(fd, head)
             src = (ctypes.c_char * len(data)).from_buffer_copy(data)
             dst = self.base + extent.offset
             if not self.uffd.copy(dst, ctypes.addressof(src), extent.length):
-                for at in range(0, extent.length, PAGE_SIZE):  # some page raced in
+                for at in range(0, extent.length, PAGE_SIZE):  # a page was present already
                     self.uffd.copy(dst + at, ctypes.addressof(src) + at, PAGE_SIZE)
-            self.stats.bytes_loaded += extent.length
-        return True
+        with self._lock:
+            self._in_flight.discard(window)
+            self.stats.bytes_loaded += sum(e.length for e, _ in chunks)
+            if not self._windows and not self._in_flight:
+                self._complete()
 
     def _serve_faults(self) -> None:
         try:
             while not self._closed.is_set() and not self.done.is_set():
                 for addr in self.uffd.wait_faults(0.05):
-                    with self._lock:
-                        if self.done.is_set():  # unregistered: the kernel woke the fault
-                            break
-                        self._serve(addr)
+                    if self.done.is_set():  # unregistered: the kernel woke the fault
+                        break
+                    self._serve(addr)
         except (OSError, KvmkitError) as e:
             self._fail(e)
 
     def _serve(self, addr: int) -> None:
         self.stats.faults += 1
-        if self._load_window((addr - self.base) // CHUNK_BYTES):
+        offset = (addr - self.base) & ~(PAGE_SIZE - 1)
+        window = offset // CHUNK_BYTES
+        chunks = self._claim(window)
+        if chunks is not None:
             self.stats.windows_on_demand += 1
-            if not self._windows:
-                self._complete()
-                return
-        page = addr & ~(PAGE_SIZE - 1)
+            self._load(window, chunks)  # UFFDIO_COPY wakes the faulting thread
+            return
+        if any(e.offset <= offset < e.end for e in self._extents.get(window, ())):
+            # Saved data that the prefetch is copying (its copy wakes the fault) or has
+            # copied (a stale fault): waking is all that is left to do.
+            if window not in self._in_flight:
+                self.uffd.wake(self.base + offset, PAGE_SIZE)
+            return
         # A page no chunk holds was never populated: it reads as zeros. (A copy of a zero
-        # page: UFFDIO_ZEROPAGE gives ENOENT on shmem.) Present already: just wake.
-        if self.uffd.copy(page, self._zero_addr, PAGE_SIZE):
+        # page: UFFDIO_ZEROPAGE gives ENOENT on shmem.)
+        if self.uffd.copy(self.base + offset, self._zero_addr, PAGE_SIZE):
             self.stats.zero_pages += 1
         else:
-            self.uffd.wake(page, PAGE_SIZE)
+            self.uffd.wake(self.base + offset, PAGE_SIZE)
 
     def _prefetch(self) -> None:
         try:
             for window in self._pending:
                 if self._closed.is_set():
                     return
-                with self._lock:
-                    if self._load_window(window):
-                        self.stats.windows_prefetched += 1
-            with self._lock:
-                self._complete()
+                chunks = self._claim(window)
+                if chunks is not None:
+                    self._load(window, chunks)
+                    self.stats.windows_prefetched += 1
         except (OSError, KvmkitError) as e:
             self._fail(e)
 

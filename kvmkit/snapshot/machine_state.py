@@ -9,6 +9,7 @@ index and memory chunks, then END.
 import datetime
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -185,19 +186,30 @@ def read_memory(
     index: list[Extent],
     progress: ProgressFn | None = None,
 ) -> int:
-    """Read every memory chunk straight into guest RAM, then the end marker."""
+    """Read every memory chunk straight into guest RAM, then the end marker. Each
+    chunk's checksum runs on a helper thread while the next chunk is read; every one
+    is verified before this returns."""
     total = sum(c.length for c in index)
     done = 0
-    for i, chunk in enumerate(index):
-        head = reader.next_section()
-        if head.tag != MEMORY:
-            raise StreamFormatError(
-                f"{reader.what}: {head.label}: expected memory chunk {i} of {len(index)}"
+    with ThreadPoolExecutor(1, thread_name_prefix="kvmkit-crc") as pool:
+        pending: Future[None] | None = None
+        for i, chunk in enumerate(index):
+            head = reader.next_section()
+            if head.tag != MEMORY:
+                raise StreamFormatError(
+                    f"{reader.what}: {head.label}: expected memory chunk {i} of {len(index)}"
+                )
+            verify = reader.read_payload_unverified(
+                head, memory.file_view(chunk.offset, chunk.length)
             )
-        reader.read_payload(head, into=memory.file_view(chunk.offset, chunk.length))
-        done += chunk.length
-        if progress is not None:
-            progress(done, total)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(verify)
+            done += chunk.length
+            if progress is not None:
+                progress(done, total)
+        if pending is not None:
+            pending.result()
     head = reader.next_section()
     if head.tag != END:
         raise StreamFormatError(f"{reader.what}: {head.label}: expected the end marker")
