@@ -24,8 +24,11 @@ def kvmkit_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 class Running:
     """A Machine running on a background thread."""
 
-    def __init__(self, config: MachineConfig) -> None:
+    def __init__(self, config: MachineConfig, setup: object = None) -> None:
+        """`setup(machine)` runs before the vCPUs start."""
         self.machine = Machine(config)
+        if setup is not None:
+            setup(self.machine)  # type: ignore[operator]
         self.result: RunResult | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

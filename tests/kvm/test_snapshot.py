@@ -76,10 +76,15 @@ def restore_and_finish(snap, console, *extra: str) -> subprocess.CompletedProces
 @pytest.mark.parametrize("backend", ["guest_memfd", "memfd"])
 def test_snapshot_taken_mid_port_exit_completes_the_exit(tmp_path, backend):
     steps = 300
-    run = Running(counter_config(tmp_path / "a.txt", steps, backend=backend))
+
+    def pause_on_37th_status_read(m: Machine) -> None:
+        m.pio_bus.remove(COM1_BASE)
+        m.pio_bus.add(COM1_BASE, UART_REGS, PauseOnLsrRead(m, nth=37))
+
+    run = Running(
+        counter_config(tmp_path / "a.txt", steps, backend=backend), setup=pause_on_37th_status_read
+    )
     m = run.machine
-    m.pio_bus.remove(COM1_BASE)
-    m.pio_bus.add(COM1_BASE, UART_REGS, PauseOnLsrRead(m, nth=37))
     _wait_paused(m)
     regs = m.vcpus[0].get_regs()
     # KVM finished the `in al, dx` before parking: AL holds the status, RIP is past it.
