@@ -4,7 +4,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvmkit import __version__, cli_snapshot
+from kvmkit import __version__, cli_check, cli_snapshot
 from kvmkit.api.server import ApiServer
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.guests.build import BUILTIN
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--list", action="store_true", help="list the checks, run nothing")
 
     cli_snapshot.add_parsers(sub, _Parser)
+    cli_check.add_parser(sub, _Parser)
 
     sub.add_parser(
         "guests",
@@ -289,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "guests": cmd_guests,
             "snapshot": lambda a: cli_snapshot.cmd_snapshot(a, run_machine),
             "ctl": cli_snapshot.cmd_ctl,
+            "check": cli_check.cmd_check,
         }
         return commands[args.command](args)
     except ConfigError as e:

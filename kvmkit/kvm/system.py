@@ -46,7 +46,7 @@ class Kvm:
             code = e.errno or 0
             raise KvmUnavailableError(f"open {path}", code, open_hint(path, code)) from None
         try:
-            version = kvm_ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
+            version = self.api_version = kvm_ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
             if version != ioctls.KVM_API_VERSION:
                 raise KvmUnavailableError(
                     "KVM_GET_API_VERSION",

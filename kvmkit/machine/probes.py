@@ -68,7 +68,7 @@ def gmem_probe(host_mapped: bool) -> ProbeResult:
             vcpu = vm.create_vcpu(0)
             vcpu.set_sregs(real_mode_sregs(vcpu.get_sregs(), PROBE_CODE_GPA))
             vcpu.set_regs(real_mode_regs(PROBE_CODE_GPA))
-            reason = _run_with_timeout(vcpu)
+            reason = run_with_timeout(vcpu)
             io = vcpu.run_struct.exit.io
             if reason == ExitReason.IO and io.port == PROBE_PORT:
                 value = vcpu.run_page[io.data_offset]
@@ -84,7 +84,7 @@ def gmem_probe(host_mapped: bool) -> ProbeResult:
             os.close(fd)
 
 
-def _run_with_timeout(vcpu: Vcpu) -> int:
+def run_with_timeout(vcpu: Vcpu) -> int:
     """vcpu.run(), kicked out after PROBE_TIMEOUT_S (returning KVM_EXIT_INTR) when
     called on the main thread."""
     me = threading.get_ident()

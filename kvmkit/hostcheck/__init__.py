@@ -1,0 +1,2 @@
+"""`kvmkit check`: what this host's KVM can do (facts from real probes), measured
+against named requirement profiles."""
