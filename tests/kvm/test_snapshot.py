@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 
 import pytest
@@ -185,7 +186,7 @@ def test_enospc_through_the_cli_keeps_the_vm_running(tmp_path, tiny_fs):
     sock = str(tmp_path / "vm.sock")
     proc = subprocess.Popen(
         [
-            "python3",
+            sys.executable,
             "-m",
             "kvmkit",
             "run",
