@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from kvmkit import __version__, cli_check, cli_snapshot
 from kvmkit.api.server import ApiServer
 from kvmkit.errors import ConfigError, KvmkitError
+from kvmkit.faults import active_plan, load_plan
 from kvmkit.guests.build import BUILTIN
 from kvmkit.machine import Machine, MachineConfig, RunResult
 from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
@@ -154,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         " at PATH, mode 0600; see 'kvmkit ctl' and 'kvmkit snapshot'",
     )
     run.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="inject a failure: WHERE:WHAT@WHEN, e.g. ioctl:KVM_RUN:EINTR@every=100,"
+        " ioctl:KVM_CREATE_VCPU:ENOMEM@once, snapshot.write:EIO@nth=3,"
+        " ioctl:KVM_SET_REGS:EFAULT@p=0.05,seed=7 (repeatable); a summary is printed",
+    )
+    run.add_argument(
+        "--fault-plan",
+        metavar="FILE",
+        help='fault rules from a TOML file: [[fault]] tables with rule = "WHERE:WHAT@WHEN"',
+    )
+    run.add_argument(
         "--quiet",
         "-q",
         action="store_true",
@@ -226,7 +241,16 @@ def format_summary(r: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return run_machine(Machine(config_from_args(args)), args)
+    config = config_from_args(args)
+    if not args.fault and not args.fault_plan:
+        return run_machine(Machine(config), args)
+    plan = load_plan(args.fault, args.fault_plan)
+    try:
+        with active_plan(plan):
+            return run_machine(Machine(config), args)
+    finally:
+        for line in plan.summary():
+            print(f"kvmkit: fault {line}", file=sys.stderr)
 
 
 def run_machine(machine: Machine, args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 import ctypes
 
+from kvmkit import faults as _faults
 from kvmkit.kvm.errors import KvmError
 from kvmkit.libc import raw_ioctl
 from kvmkit.uapi.ioctls import ioctl_name
@@ -14,6 +15,10 @@ def kvm_ioctl(fd: int, request: int, arg: Arg = None, *, hint: str = "") -> int:
 
     `arg` is an int (passed by value) or a ctypes object (passed by address).
     """
+    if _faults.active() is not None:
+        injected = _faults.planned_errno(f"ioctl:{ioctl_name(request)}")
+        if injected:
+            raise KvmError(ioctl_name(request), injected, hint or "fault injected by the plan")
     if arg is None:
         ret = raw_ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(0))
     elif isinstance(arg, int):

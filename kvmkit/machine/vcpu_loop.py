@@ -3,9 +3,10 @@
 import ctypes
 import errno
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvmkit import libc
+from kvmkit import faults, libc
 from kvmkit.arch.x86.registers import format_registers
 from kvmkit.devices.bus import Bus, Mapping
 from kvmkit.kvm import KvmError, Vcpu
@@ -44,8 +45,22 @@ def run_vcpu(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
         machine.gate.gone(vcpu.index)
 
 
+def _faulty(raw: Callable[..., int]) -> Callable[..., int]:
+    """KVM_RUN through the active fault plan (chosen once per loop, so a run without a
+    plan pays nothing): a planned errno fails the call as the kernel would."""
+
+    def run(fd: int, request: ctypes.c_ulong, arg: ctypes.c_ulong) -> int:
+        err = faults.planned_errno("ioctl:KVM_RUN")
+        if err:
+            ctypes.set_errno(err)
+            return -1
+        return raw(fd, request, arg)
+
+    return run
+
+
 def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
-    ioctl = libc.raw_ioctl
+    ioctl = libc.raw_ioctl if faults.active() is None else _faulty(libc.raw_ioctl)
     fd = vcpu.fd
     request = ctypes.c_ulong(ioctls.KVM_RUN)
     zero = ctypes.c_ulong(0)

@@ -5,7 +5,7 @@ from types import TracebackType
 
 from kvmkit import libc
 from kvmkit.errors import KvmkitError
-from kvmkit.kvm import KvmUnsupportedError, Vm
+from kvmkit.kvm import KvmError, KvmUnsupportedError, Vm
 from kvmkit.memory.attributes import AttributeMap
 from kvmkit.memory.backend import Backend, choose_backend, gmem_flag_report
 from kvmkit.memory.exposure import HostMappings, HostWindow
@@ -266,10 +266,16 @@ class GuestMemory:
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
         # Unbind first, so a VM that outlives this object never points at unmapped pages.
-        self._unbind_all()
-        if hasattr(self, "mappings"):
-            self.mappings.unmap_all()
-        self.backend.close()
+        # If KVM refuses, unmapping is still safe: the VM's fd is closed next (by Machine)
+        # and, on a VM that lives on, a stale slot faults instead of reading freed pages.
+        try:
+            self._unbind_all()
+        except KvmError:
+            self._bound.clear()
+        finally:
+            if hasattr(self, "mappings"):
+                self.mappings.unmap_all()
+            self.backend.close()
 
     def __enter__(self) -> "GuestMemory":
         return self

@@ -177,3 +177,8 @@ for _name, _value in list(globals().items()):
         # Two requests share a number (IRQ_LINE_STATUS / REGISTER_COALESCED_MMIO differ in
         # direction, so they do not collide); the first name wins on a true clash.
         _NAMES.setdefault(_value, _name)
+
+
+def ioctl_names() -> set[str]:
+    """Every KVM ioctl name this mirror defines."""
+    return set(_NAMES.values())

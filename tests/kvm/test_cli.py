@@ -140,3 +140,27 @@ def test_ctrl_c_stops_the_machine_with_130(tmp_path, guest):
     assert proc.returncode == 130, err
     assert "interrupted (Ctrl-C)" in err
     assert "Traceback" not in err
+
+
+def test_run_with_faults_retries_eintr_and_prints_the_summary():
+    p = kvmkit(
+        "run",
+        "--guest",
+        "counter",
+        "--guest-arg",
+        "50",
+        "--console",
+        "none",
+        "-q",
+        "--fault",
+        "ioctl:KVM_RUN:EINTR@every=50",
+    )
+    assert p.returncode == 0, p.stderr
+    assert "kvmkit: fault ioctl:KVM_RUN:EINTR@every=50: injected" in p.stderr
+
+
+def test_run_with_an_enomem_fault_names_the_operation():
+    p = kvmkit("run", "-q", "--fault", "ioctl:KVM_CREATE_VCPU:ENOMEM@once")
+    assert p.returncode == 1
+    assert "kvmkit: error: KVM_CREATE_VCPU failed: ENOMEM" in p.stderr
+    assert "Traceback" not in p.stderr

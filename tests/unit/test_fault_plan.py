@@ -1,0 +1,67 @@
+"""Fault rules: parsing, refusals that point at the bad part, and when they fire."""
+
+import errno
+
+import pytest
+
+from kvmkit.errors import ConfigError
+from kvmkit.faults import FaultPlan, load_plan, parse_rule
+
+
+@pytest.mark.parametrize(
+    ("text", "site", "err"),
+    [
+        ("ioctl:KVM_RUN:EINTR@every=100", "ioctl:KVM_RUN", errno.EINTR),
+        ("ioctl:KVM_CREATE_VCPU:ENOMEM@once", "ioctl:KVM_CREATE_VCPU", errno.ENOMEM),
+        ("snapshot.write:EIO@nth=3", "snapshot.write", errno.EIO),
+        ("ioctl:KVM_SET_REGS:EFAULT@p=0.05,seed=7", "ioctl:KVM_SET_REGS", errno.EFAULT),
+    ],
+)
+def test_rules_from_the_issue_parse(text, site, err):
+    rule = parse_rule(text)
+    assert (rule.site, rule.errno, rule.text) == (site, err, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("ioctl:KVM_RUN:EINTR", "is not WHERE:WHAT@WHEN"),
+        ("ioctl:KVM_RUNN:EINTR@once", "unknown site 'ioctl:KVM_RUNN'"),
+        ("ioctl:KVM_RUN:EWHAT@once", "'EWHAT' is not an errno name"),
+        ("ioctl:KVM_RUN:EINTR@often", "'often' is not once, always"),
+        ("ioctl:KVM_RUN:EINTR@nth=x", "invalid literal"),
+        ("ioctl:KVM_RUN:EINTR@p=2", "0 <= p <= 1"),
+    ],
+)
+def test_malformed_rules_are_refused_pointing_at_them(text, complaint):
+    with pytest.raises(ConfigError, match="fault rule") as e:
+        parse_rule(text)
+    assert complaint in str(e.value) and repr(text) in str(e.value)
+
+
+def fired(text, calls=20):
+    plan = FaultPlan([parse_rule(text)])
+    return [n for n in range(1, calls + 1) if plan.planned(plan.rules[0].site)]
+
+
+def test_when_semantics():
+    assert fired("ioctl:KVM_RUN:EINTR@once") == [1]
+    assert fired("ioctl:KVM_RUN:EINTR@nth=3") == [3]
+    assert fired("ioctl:KVM_RUN:EINTR@always", 5) == [1, 2, 3, 4, 5]
+    assert fired("ioctl:KVM_RUN:EINTR@every=6") == [6, 12, 18]
+    a = fired("ioctl:KVM_RUN:EINTR@p=0.3,seed=7", 200)
+    assert a == fired("ioctl:KVM_RUN:EINTR@p=0.3,seed=7", 200) and 30 < len(a) < 90
+
+
+def test_toml_plan_and_summary(tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text('[[fault]]\nrule = "ioctl:KVM_RUN:EINTR@every=2"\n')
+    plan = load_plan(["snapshot.read:EIO@once"], str(path))
+    for _ in range(4):
+        plan.planned("ioctl:KVM_RUN")
+    assert plan.summary()[1] == (
+        "ioctl:KVM_RUN:EINTR@every=2: injected 2 time(s) of 4 call(s) (calls 2, 4)"
+    )
+    path.write_text("[[fault]]\nwhere = 1\n")
+    with pytest.raises(ConfigError, match=r'\[\[fault\]\] 1 needs rule = "..."'):
+        load_plan([], str(path))
