@@ -11,6 +11,7 @@ from kvmkit.memory.backend import Backend, choose_backend, gmem_flag_report
 from kvmkit.memory.exposure import HostMappings, HostWindow
 from kvmkit.memory.layout import PAGE_SIZE, RamRegion, format_size, ram_regions
 from kvmkit.memory.numa import GMEM_HONOURS_MBIND, NumaPolicy, kernel_version
+from kvmkit.memory.population import Extent, populated_extents
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.memory import KVM_MEMORY_ATTRIBUTE_PRIVATE
 
@@ -219,21 +220,27 @@ class GuestMemory:
             if use_thread_policy:
                 libc.set_mempolicy(libc.MPOL_DEFAULT, ())
 
+    def populated_extents(self) -> tuple[list[Extent], str]:
+        """The populated byte ranges of the guest RAM file, and how they were found
+        (see kvmkit/memory/population.py: the cost follows populated memory, not size)."""
+        return populated_extents(
+            self.mappings,
+            self.size_bytes,
+            self.backend.page_size,
+            seekable=self.backend.name != "guest_memfd",
+        )
+
     def populated_bytes(self) -> int:
         """Bytes of guest RAM that exist in host memory right now.
 
         memfd-based backends: the file's allocated blocks (exact). guest_memfd reports
-        no blocks, so this counts its initialised pages with mincore(), through a
-        transient PROT_NONE mapping: pages allocated by fallocate but never touched by
-        the guest or the host are not visible (measured on 6.18).
+        no blocks, so this counts its initialised pages (`populated_extents`): pages
+        allocated by fallocate but never touched by the guest or the host are not
+        visible (measured on 6.18).
         """
         if self.backend.name != "guest_memfd":
             return min(os.fstat(self.backend.fd).st_blocks * 512, self.size_bytes)
-        probe = self.mappings.map(0, self.size_bytes, "populated-probe", prot=0)
-        try:
-            return libc.mincore_resident_pages(probe.addr, probe.size) * PAGE_SIZE
-        finally:
-            self.mappings.unmap(probe)
+        return sum(e.length for e in self.populated_extents()[0])
 
     def _numa_note(self) -> str:
         assert self.numa is not None

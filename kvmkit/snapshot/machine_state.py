@@ -34,13 +34,7 @@ from kvmkit.snapshot.format import (
     unpack_items,
     unpack_json,
 )
-from kvmkit.snapshot.memory_image import (
-    Extent,
-    chunked,
-    pack_index,
-    populated_extents,
-    unpack_index,
-)
+from kvmkit.snapshot.memory_image import Extent, chunked, pack_index, unpack_index
 from kvmkit.uapi.caps import Cap
 
 # Capabilities whose state a stream carries, by the state item that needs them.
@@ -134,7 +128,7 @@ def write_machine(
         name: {"version": dev.state_version, "state": dev.save_state()}
         for name, dev in machine.devices.items()
     }
-    extents, method = populated_extents(machine.memory)
+    extents, method = machine.memory.populated_extents()
     chunks = chunked(extents)
 
     writer.write_header(header_for(machine, kind, vm_state, vcpus))
