@@ -304,12 +304,7 @@ class StreamReader:
             stored = memoryview(bytearray(head.stored_bytes))
         self._read_exact(stored, head.label)
         (crc,) = _CRC.unpack(self._read(_CRC.size, head.label))
-        computed = zlib.crc32(stored)
-        if crc != computed:
-            raise StreamFormatError(
-                f"{self.what}: {head.label}: checksum mismatch (stored {crc:#010x}, computed"
-                f" {computed:#010x}): the {section_label(head.tag)} data is corrupted"
-            )
+        self._verify(head, stored, crc)
         if head.flags & FLAG_ZSTD:
             stored = self._decompress(head, stored)
             if into is not None:
@@ -328,17 +323,15 @@ class StreamReader:
             return lambda: None
         self._read_exact(into, head.label)
         (crc,) = _CRC.unpack(self._read(_CRC.size, head.label))
+        return lambda: self._verify(head, into, crc)
 
-        def verify() -> None:
-            computed = zlib.crc32(into)
-            if crc != computed:
-                raise StreamFormatError(
-                    f"{self.what}: {head.label}: checksum mismatch (stored {crc:#010x},"
-                    f" computed {computed:#010x}): the {section_label(head.tag)} data is"
-                    " corrupted"
-                )
-
-        return verify
+    def _verify(self, head: SectionHead, payload: memoryview, crc: int) -> None:
+        computed = zlib.crc32(payload)
+        if crc != computed:
+            raise StreamFormatError(
+                f"{self.what}: {head.label}: checksum mismatch (stored {crc:#010x}, computed"
+                f" {computed:#010x}): the {section_label(head.tag)} data is corrupted"
+            )
 
     def pread_section(self, fd: int, head: SectionHead) -> memoryview:
         """Read one whole section by position (random access into a file, in one read),
@@ -363,11 +356,7 @@ class StreamReader:
             )
         payload = memoryview(data)[_SECTION.size + _CRC.size : size - _CRC.size]
         (crc,) = _CRC.unpack_from(data, size - _CRC.size)
-        if zlib.crc32(payload) != crc:
-            raise StreamFormatError(
-                f"{self.what}: {head.label}: checksum mismatch: the"
-                f" {section_label(head.tag)} data is corrupted"
-            )
+        self._verify(head, payload, crc)
         if head.tag == END:
             self._check_end(head, payload)
         return self._decompress(head, payload) if head.flags & FLAG_ZSTD else payload
