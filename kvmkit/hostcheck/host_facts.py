@@ -4,18 +4,24 @@ backend serves /dev/kvm, its parameters, /dev/kvm permissions, hugepages, THP.""
 import grp
 import os
 import pwd
-import re
 import stat
 from pathlib import Path
 from typing import Any
 
 from kvmkit.arch.x86.host_cpu import host_cpu
-from kvmkit.memory.hugepages import SHMEM_THP, SYSFS_HUGEPAGES
+from kvmkit.memory.hugepages import (
+    ANON_THP,
+    SHMEM_THP,
+    HugepagePoolError,
+    pool_dir,
+    pool_sizes,
+    read_pool,
+    thp_mode,
+)
 
 MODULES = Path("/sys/module")
 BACKEND_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 KVM_PARAMS = ("enable_pmu", "tdp_mmu", "nx_huge_pages", "halt_poll_ns", "mmio_caching")
-ANON_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def module_params(module: str, names: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -63,28 +69,22 @@ def dev_kvm(path: str = "/dev/kvm") -> dict[str, Any]:
     }
 
 
-def _bracketed(path: Path) -> str:
-    try:
-        m = re.search(r"\[(\w+)\]", path.read_text())
-    except OSError:
-        return "unavailable"
-    return m.group(1) if m else "unknown"
-
-
 def hugepages() -> dict[str, Any]:
     pools = {}
-    if SYSFS_HUGEPAGES.is_dir():
-        for d in sorted(SYSFS_HUGEPAGES.iterdir()):
-            size_kb = int(d.name.removeprefix("hugepages-").removesuffix("kB"))
-            fields = {}
-            for f in ("nr_hugepages", "free_hugepages", "resv_hugepages"):
-                try:
-                    fields[f] = int((d / f).read_text())
-                except (OSError, ValueError):
-                    fields[f] = 0
-            fields["resizable"] = os.access(d / "nr_hugepages", os.W_OK)
-            pools[f"{size_kb // 1024}M" if size_kb < 1 << 20 else f"{size_kb >> 20}G"] = fields
-    return {"pools": pools, "thp_anon": _bracketed(ANON_THP), "thp_shmem": _bracketed(SHMEM_THP)}
+    for page_size in pool_sizes():
+        try:
+            pool = read_pool(page_size)
+            counts = (pool.total, pool.free, pool.reserved)
+        except (OSError, ValueError, HugepagePoolError):
+            counts = (0, 0, 0)
+        label = f"{page_size >> 30}G" if page_size >= 1 << 30 else f"{page_size >> 20}M"
+        pools[label] = {
+            "nr_hugepages": counts[0],
+            "free_hugepages": counts[1],
+            "resv_hugepages": counts[2],
+            "resizable": os.access(pool_dir(page_size) / "nr_hugepages", os.W_OK),
+        }
+    return {"pools": pools, "thp_anon": thp_mode(ANON_THP), "thp_shmem": thp_mode(SHMEM_THP)}
 
 
 def host_facts() -> dict[str, Any]:

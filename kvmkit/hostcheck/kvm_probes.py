@@ -16,7 +16,7 @@ from kvmkit import libc
 from kvmkit.arch.x86.cpuid_features import decode_features, pmu_version
 from kvmkit.arch.x86.real_mode import real_mode_regs, real_mode_sregs
 from kvmkit.errors import KvmkitError
-from kvmkit.hostcheck.host_facts import host_facts
+from kvmkit.hostcheck.host_facts import host_facts, module_params
 from kvmkit.kvm import Kvm, KvmError, Vm
 from kvmkit.kvm.system import VM_TYPE_NAMES
 from kvmkit.kvm.vm import describe_gmem_flags
@@ -137,55 +137,41 @@ def probe_dirty_log_gmem_slot(kvm: Kvm) -> tuple[bool, str]:
 
 
 def probe_dirty_ring(kvm: Kvm) -> tuple[bool, str]:
-    size = kvm.check_extension(Cap.DIRTY_LOG_RING_ACQ_REL) or kvm.check_extension(
-        Cap.DIRTY_LOG_RING
-    )
-    if not size:
-        return False, "KVM_CAP_DIRTY_LOG_RING(_ACQ_REL) is 0"
-    cap = (
-        Cap.DIRTY_LOG_RING_ACQ_REL
-        if kvm.check_extension(Cap.DIRTY_LOG_RING_ACQ_REL)
-        else (Cap.DIRTY_LOG_RING)
-    )
-    with kvm.create_vm() as vm:
-        vm.enable_cap(cap, 64 << 10)
-    return True, f"enabled {cap.name} with a 64 KiB ring per vCPU (max {size} bytes)"
+    for cap in (Cap.DIRTY_LOG_RING_ACQ_REL, Cap.DIRTY_LOG_RING):
+        size = kvm.check_extension(cap)
+        if size:
+            with kvm.create_vm() as vm:
+                vm.enable_cap(cap, 64 << 10)
+            return True, f"enabled {cap.name} with a 64 KiB ring per vCPU (max {size} bytes)"
+    return False, "KVM_CAP_DIRTY_LOG_RING(_ACQ_REL) is 0"
 
 
 def probe_guest_memfd_flags(kvm: Kvm) -> tuple[bool, str]:
     """Create a guest_memfd with each reported flag; map and touch it where MMAP."""
-    flags = (
-        kvm.check_extension(Cap.GUEST_MEMFD_FLAGS) if kvm.check_extension(Cap.GUEST_MEMFD) else 0
-    )
     if not kvm.check_extension(Cap.GUEST_MEMFD):
         return False, "KVM_CAP_GUEST_MEMFD is 0"
+    flags = kvm.check_extension(Cap.GUEST_MEMFD_FLAGS)
+    mappable = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
     done = []
     with kvm.create_vm() as vm:
         for bit in [0] + [1 << b for b in range(64) if flags >> b & 1]:
-            with_shared = bit | (
-                GUEST_MEMFD_FLAG_INIT_SHARED
-                if bit == GUEST_MEMFD_FLAG_MMAP and flags & GUEST_MEMFD_FLAG_INIT_SHARED
-                else 0
+            # MMAP is tried with INIT_SHARED where offered, so the mapping can be touched.
+            asked = bit | (
+                flags & GUEST_MEMFD_FLAG_INIT_SHARED if bit == GUEST_MEMFD_FLAG_MMAP else 0
             )
             try:
-                fd = vm.create_guest_memfd(PROBE_MEM, with_shared)
+                fd = vm.create_guest_memfd(PROBE_MEM, asked)
             except KvmError as e:
-                return (
-                    False,
-                    f"flags {describe_gmem_flags(with_shared)} were reported but refused: {e}",
-                )
+                return False, f"flags {describe_gmem_flags(asked)} were reported but refused: {e}"
             try:
-                if (
-                    with_shared & GUEST_MEMFD_FLAG_MMAP
-                    and with_shared & GUEST_MEMFD_FLAG_INIT_SHARED
-                ):
+                if asked & mappable == mappable:
                     with _mapping(fd, PROBE_MEM) as addr:
                         ctypes.memset(addr, 0x5A, PAGE)
                         if ctypes.c_uint8.from_address(addr).value != 0x5A:
                             return False, "a mapped guest_memfd did not keep a host write"
             finally:
                 os.close(fd)
-            done.append(describe_gmem_flags(with_shared))
+            done.append(describe_gmem_flags(asked))
     return True, "created: " + ", ".join(done) + "; mapped and wrote where MMAP"
 
 
@@ -244,8 +230,7 @@ def probe_userfaultfd(kvm: Kvm) -> tuple[bool, str]:
 
 
 def probe_vpmu(kvm: Kvm) -> tuple[bool, str]:
-    params = host_facts()["kvm_params"]
-    if params.get("enable_pmu", "Y") in ("N", "0"):
+    if module_params("kvm", ("enable_pmu",)).get("enable_pmu", "Y") in ("N", "0"):
         return False, "the kvm module has enable_pmu=N: guests get no vPMU"
     version = pmu_version(kvm.supported_cpuid())
     if not version:

@@ -10,6 +10,7 @@ from kvmkit.errors import KvmkitError
 HUGEPAGE_SIZES = {"2M": 2 << 20, "1G": 1 << 30}
 SYSFS_HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 SHMEM_THP = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+ANON_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 class HugepagePoolError(KvmkitError):
@@ -29,7 +30,12 @@ class HugepagePool:
 
     @property
     def sysfs_dir(self) -> Path:
-        return SYSFS_HUGEPAGES / f"hugepages-{self.page_size >> 10}kB"
+        return pool_dir(self.page_size)
+
+
+def pool_dir(page_size: int) -> Path:
+    """The sysfs directory of the hugetlb pool of `page_size` pages."""
+    return SYSFS_HUGEPAGES / f"hugepages-{page_size >> 10}kB"
 
 
 def size_label(page_size: int) -> str:
@@ -37,7 +43,7 @@ def size_label(page_size: int) -> str:
 
 
 def read_pool(page_size: int) -> HugepagePool:
-    d = SYSFS_HUGEPAGES / f"hugepages-{page_size >> 10}kB"
+    d = pool_dir(page_size)
     if not d.is_dir():
         sizes = sorted(p.name for p in SYSFS_HUGEPAGES.glob("hugepages-*")) or ["none"]
         raise HugepagePoolError(
@@ -82,11 +88,23 @@ def check_pool(page_size: int, size_bytes: int) -> HugepagePool:
     return pool
 
 
-def shmem_thp_mode() -> str:
-    """The bracketed setting of shmem_enabled (always, within_size, advise, never, deny,
-    force), or "unavailable"."""
+def thp_mode(path: Path = SHMEM_THP) -> str:
+    """The bracketed setting of a THP control file (shmem_enabled: always, within_size,
+    advise, never, deny, force; enabled: always, madvise, never), or "unavailable"."""
     try:
-        m = re.search(r"\[(\w+)\]", SHMEM_THP.read_text())
+        m = re.search(r"\[(\w+)\]", path.read_text())
     except OSError:
         return "unavailable"
     return m.group(1) if m else "unavailable"
+
+
+def shmem_thp_mode() -> str:
+    return thp_mode(SHMEM_THP)
+
+
+def pool_sizes() -> list[int]:
+    """The page sizes of this host's hugetlb pools."""
+    return sorted(
+        int(d.name.removeprefix("hugepages-").removesuffix("kB")) << 10
+        for d in SYSFS_HUGEPAGES.glob("hugepages-*kB")
+    )
