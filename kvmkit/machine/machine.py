@@ -245,9 +245,13 @@ class Machine:
         self._kick_all()
 
     def _kick_all(self) -> None:
+        """Kick every vCPU, including ones whose thread has not started yet (their
+        first KVM_RUN then returns at once)."""
         me = threading.current_thread()
-        for vcpu, t in zip(self.vcpus, self._threads, strict=False):
-            vcpu.kick(t.ident if t is not me and t.is_alive() else None)
+        threads: list[threading.Thread | None] = [*self._threads]
+        threads += [None] * (len(self.vcpus) - len(threads))
+        for vcpu, t in zip(self.vcpus, threads, strict=True):
+            vcpu.kick(t.ident if t is not None and t is not me and t.is_alive() else None)
 
     def vcpu_halted(self, index: int) -> None:
         with self._lock:
