@@ -60,8 +60,6 @@ class LazyRestore:
         self.done = threading.Event()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._zero = (ctypes.c_char * PAGE_SIZE)()
-        self._zero_addr = ctypes.addressof(self._zero)
         self._windows = self._map_chunks()  # not yet claimed by a loader
         self._extents = {w: [e for e, _ in chunks] for w, chunks in self._windows.items()}
         self._in_flight: set[int] = set()
@@ -184,9 +182,8 @@ class LazyRestore:
             if window not in self._in_flight:
                 self.uffd.wake(self.base + offset, PAGE_SIZE)
             return
-        # A page no chunk holds was never populated: it reads as zeros. (A copy of a zero
-        # page: UFFDIO_ZEROPAGE gives ENOENT on shmem.)
-        if self.uffd.copy(self.base + offset, self._zero_addr, PAGE_SIZE):
+        # A page no chunk holds was never populated: it reads as zeros.
+        if self.uffd.zeropage(self.base + offset, PAGE_SIZE):
             self.stats.zero_pages += 1
         else:
             self.uffd.wake(self.base + offset, PAGE_SIZE)
