@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,19 @@ def kvm_unavailable_reason() -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not readable and writable by this user"
     return None
+
+
+def skip_without_kvm(items: list, folder: str) -> None:
+    """Mark the tests under `folder` skipped, with the reason, when KVM is unusable
+    (for a folder's pytest_collection_modifyitems)."""
+    reason = kvm_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    here = str(Path(folder))
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 
 from kvmkit.guests.build import build_image
-from tests.conftest import kvm_unavailable_reason
+from tests.conftest import skip_without_kvm
 
 GUESTS = Path(__file__).parent / "guests"
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = kvm_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
-    here = str(Path(__file__).parent)
-    for item in items:
-        if str(item.fspath).startswith(here):
-            item.add_marker(skip)
+    skip_without_kvm(items, str(Path(__file__).parent))
 
 
 @pytest.fixture
