@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.arch.x86.host_cpu import host_cpu
+from kvmkit.kvm.system import BACKEND_MODULES, kvm_backend
 from kvmkit.memory.hugepages import (
     ANON_THP,
     SHMEM_THP,
@@ -20,7 +21,6 @@ from kvmkit.memory.hugepages import (
 )
 
 MODULES = Path("/sys/module")
-BACKEND_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 KVM_PARAMS = ("enable_pmu", "tdp_mmu", "nx_huge_pages", "halt_poll_ns", "mmio_caching")
 
 
@@ -36,14 +36,6 @@ def module_params(module: str, names: tuple[str, ...] | None = None) -> dict[str
             except OSError:
                 out[path.name] = "(unreadable)"
     return out
-
-
-def kvm_backend() -> str:
-    """kvm_intel, kvm_amd, pvm (the kvm_pvm module), or none."""
-    for module in BACKEND_MODULES:
-        if (MODULES / module).is_dir():
-            return "pvm" if module == "kvm_pvm" else module
-    return "none"
 
 
 def dev_kvm(path: str = "/dev/kvm") -> dict[str, Any]:
@@ -89,7 +81,7 @@ def hugepages() -> dict[str, Any]:
 
 def host_facts() -> dict[str, Any]:
     backend = kvm_backend()
-    module = {"pvm": "kvm_pvm"}.get(backend, backend)
+    module = {name: module for module, name in BACKEND_MODULES.items()}.get(backend, backend)
     return {
         "kernel": os.uname().release,
         "cpu": host_cpu().to_dict(),

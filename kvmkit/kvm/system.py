@@ -13,7 +13,19 @@ from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.cpu import kvm_cpuid2, kvm_cpuid_entry2, kvm_msr_list
 
 DEFAULT_PATH = "/dev/kvm"
-PVM_MODULE_PATH = "/sys/module/kvm_pvm"
+SYSFS_MODULES = "/sys/module"
+# The module serving /dev/kvm -> the backend's name.
+BACKEND_MODULES = {"kvm_intel": "kvm_intel", "kvm_amd": "kvm_amd", "kvm_pvm": "pvm"}
+
+
+def kvm_backend() -> str:
+    """Which KVM backend this host loaded: kvm_intel, kvm_amd, pvm (the kvm_pvm
+    module, no VMX/SVM needed), or none."""
+    for module, name in BACKEND_MODULES.items():
+        if os.path.isdir(os.path.join(SYSFS_MODULES, module)):
+            return name
+    return "none"
+
 
 if TYPE_CHECKING:
     from kvmkit.kvm.vm import Vm
@@ -89,7 +101,7 @@ class Kvm:
     @property
     def is_pvm(self) -> bool:
         """True when /dev/kvm is served by the PVM backend (kvm_pvm module)."""
-        return os.path.isdir(PVM_MODULE_PATH)
+        return kvm_backend() == "pvm"
 
     def supported_cpuid(self) -> list[kvm_cpuid_entry2]:
         return _read_cpuid(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID)

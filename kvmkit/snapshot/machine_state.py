@@ -17,6 +17,7 @@ from kvmkit import __version__
 from kvmkit.arch.x86.host_cpu import host_cpu
 from kvmkit.devices.bus import Device
 from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
+from kvmkit.kvm.system import kvm_backend
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot import cpu_state
 from kvmkit.snapshot.format import (
@@ -92,7 +93,11 @@ ProgressFn = Callable[[int, int], None]
 
 # -- writing ----------------------------------------------------------------------------
 def header_for(
-    machine: Capturable, kind: str, vm_state: dict[str, bytes], vcpus: list[dict[str, bytes]]
+    machine: Capturable,
+    kind: str,
+    description: dict[str, Any],
+    vm_state: dict[str, bytes],
+    vcpus: list[dict[str, bytes]],
 ) -> dict[str, Any]:
     assert machine.kvm is not None and machine.memory is not None
     items = set(vm_state) | {name for v in vcpus for name in v}
@@ -105,9 +110,9 @@ def header_for(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host_cpu": host_cpu().to_dict(),
         "kernel": os.uname().release,
-        "kvm_backend": "pvm" if machine.kvm.is_pvm else "kvm",
+        "kvm_backend": kvm_backend(),
         "requires": {name: machine.kvm.check_extension(Cap[name]) for name in sorted(caps)},
-        "summary": machine.state_description()["summary"],
+        "summary": description["summary"],
     }
 
 
@@ -131,7 +136,7 @@ def write_machine(
     extents, method = machine.memory.populated_extents()
     chunks = chunked(extents)
 
-    writer.write_header(header_for(machine, kind, vm_state, vcpus))
+    writer.write_header(header_for(machine, kind, description, vm_state, vcpus))
     writer.write_section(MACHINE, [pack_json(description)])
     writer.write_section(VM, [pack_items(vm_state)])
     for v in vcpus:

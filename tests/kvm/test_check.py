@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from kvmkit.hostcheck.host_facts import kvm_backend
 from kvmkit.kvm import Kvm
+from kvmkit.kvm.system import kvm_backend
 from kvmkit.uapi.caps import Cap
 
 TOP_KEYS = {"schema", "captured", "host", "kvm", "probes", "profiles"}
