@@ -3,13 +3,7 @@ from pathlib import Path
 
 import pytest
 
-
-def kvm_unavailable_reason() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist on this host"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not readable and writable by this user"
-    return None
+from kvmkit.testing.harness import kvm_unavailable_reason
 
 
 def skip_without_kvm(items: list, folder: str) -> None:

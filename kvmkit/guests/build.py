@@ -96,6 +96,13 @@ BUILTIN: dict[str, GuestProgram] = {
             LONG_LOAD,
             "each vCPU counts in memory and prints a running checksum; --guest-arg steps",
         ),
+        GuestProgram(
+            "trap",
+            SRC_DIR / "trap.S",
+            "long",
+            LONG_LOAD,
+            "handles NMI, #UD, #GP, #PF and #MC, printing each; --guest-arg POST exits",
+        ),
     )
 }
 

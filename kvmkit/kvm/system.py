@@ -106,6 +106,12 @@ class Kvm:
     def supported_cpuid(self) -> list[kvm_cpuid_entry2]:
         return _read_cpuid(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID)
 
+    def mce_cap_supported(self) -> int:
+        """The MCG_CAP bits and bank count KVM can give a vCPU (KVM_X86_GET_MCE_CAP_SUPPORTED)."""
+        value = ctypes.c_uint64()
+        kvm_ioctl(self.fd, ioctls.KVM_X86_GET_MCE_CAP_SUPPORTED, value)
+        return value.value
+
     def msr_index_list(self) -> list[int]:
         count = 64
         while True:

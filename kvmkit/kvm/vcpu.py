@@ -30,6 +30,7 @@ from kvmkit.uapi.cpu import (
     kvm_sregs2,
     kvm_translation,
     kvm_vcpu_events,
+    kvm_x86_mce,
     kvm_xcrs,
     kvm_xsave,
 )
@@ -80,6 +81,7 @@ class Vcpu:
         self.index = index
         self.fd = fd
         self.mmap_size = mmap_size
+        self.mce_ready = False  # KVM_X86_SETUP_MCE done (see faults/guest_events.py)
         try:
             self.run_addr = libc.mmap(
                 mmap_size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd
@@ -209,6 +211,16 @@ class Vcpu:
 
     def nmi(self) -> None:
         kvm_ioctl(self.fd, ioctls.KVM_NMI)
+
+    def setup_mce(self, mcg_cap: int) -> None:
+        """Give the vCPU machine-check banks (KVM_X86_SETUP_MCE); `mcg_cap` from
+        `Kvm.mce_cap_supported()`. Resets the banks: call once, before `set_mce`."""
+        kvm_ioctl(self.fd, ioctls.KVM_X86_SETUP_MCE, ctypes.c_uint64(mcg_cap))
+
+    def set_mce(self, mce: kvm_x86_mce) -> None:
+        """Raise a machine check (KVM_X86_SET_MCE): logged in `mce.bank`, and #MC for an
+        uncorrected error."""
+        kvm_ioctl(self.fd, ioctls.KVM_X86_SET_MCE, mce)
 
     def translate(self, linear_address: int) -> kvm_translation:
         t = kvm_translation(linear_address=linear_address)

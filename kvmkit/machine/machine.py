@@ -14,6 +14,7 @@ from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT
 from kvmkit.devices.post import POST_PORT
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.errors import KvmkitError
+from kvmkit.faults import enter_phase
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
 from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
 from kvmkit.kvm.vcpu import install_kick_handler, kick_handler
@@ -186,6 +187,7 @@ class Machine:
         counts = [[0] * _NR_REASONS for _ in self.vcpus]
         start = self.started_at = time.monotonic()
         self.gate.start([v.index for v in self.vcpus])
+        enter_phase("run")
         with kick_handler():
             for vcpu, c in zip(self.vcpus, counts, strict=True):
                 t = threading.Thread(
@@ -284,15 +286,18 @@ class Machine:
     def request_pause(self) -> None:
         """Ask every vCPU to stop at its next clean point; does not wait (safe from a
         device handler running on a vCPU thread)."""
+        enter_phase("pause")
         self.gate.request(self._kick_all)
 
     def pause(self, timeout_s: float = 10.0) -> None:
         """Stop every vCPU at a clean point (no exit half-done) and wait for it."""
         if not self.running:
             raise KvmkitError("the machine is not running, so it cannot be paused")
+        enter_phase("pause")
         self.gate.pause(self._kick_all, timeout_s)
 
     def resume(self) -> None:
+        enter_phase("resume")
         self.gate.resume()
 
     def status(self) -> dict[str, Any]:
@@ -343,6 +348,7 @@ class Machine:
         """Pause, write a snapshot, then resume if `resume` (else stay paused). If
         writing fails, the machine returns to how it was (running or paused) and no
         file is left."""
+        enter_phase("snapshot")
         if self.memory is not None and self.memory.hidden:
             raise KvmUnsupportedError(
                 "snapshot", "guest memory is hidden from kvmkit, so it cannot be saved"
@@ -376,6 +382,7 @@ class Machine:
     ) -> "Machine":
         """A machine that continues the snapshot at `path` when `run()`. Every section
         is verified before the machine is built or any guest code runs."""
+        enter_phase("restore")
         snap = snapshot_file.SnapshotFile(path)
         try:
             saved = snap.saved

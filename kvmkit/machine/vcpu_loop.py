@@ -39,28 +39,47 @@ def run_vcpu(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
         _loop(machine, vcpu, counts)
     except KvmError as e:
         machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: {e}")
+    except OSError as e:  # a device's backing file, or an injected device fault
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        machine.stop(
+            EXIT_HOST_ERROR, f"vCPU {vcpu.index}: {e.filename or 'device'}: {e.strerror} ({name})"
+        )
     except Exception as e:  # a device or kvmkit bug: report it, never hang the machine
         machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: internal error: {type(e).__name__}: {e}")
     finally:
         machine.gate.gone(vcpu.index)
 
 
-def _faulty(raw: Callable[..., int]) -> Callable[..., int]:
+def _faulty(raw: Callable[..., int], vcpu: Vcpu) -> Callable[..., int]:
     """KVM_RUN through the active fault plan (chosen once per loop, so a run without a
-    plan pays nothing): a planned errno fails the call as the kernel would."""
+    plan pays nothing): a planned errno fails the call as the kernel would; a planned
+    guest event is delivered to the vCPU just before it enters."""
 
     def run(fd: int, request: ctypes.c_ulong, arg: ctypes.c_ulong) -> int:
-        err = faults.planned_errno("ioctl:KVM_RUN")
-        if err:
-            ctypes.set_errno(err)
-            return -1
+        rule = faults.planned_rule("ioctl:KVM_RUN")
+        if rule is not None:
+            if rule.event is not None:
+                faults.deliver(vcpu, rule.event)
+            elif err := faults.errno_after_delay(rule):
+                ctypes.set_errno(err)
+                return -1
         return raw(fd, request, arg)
 
     return run
 
 
+def _device_fault(mapping: Mapping, addr: int) -> None:
+    """The device.io hook: a planned failure of the device at `addr` (a port or MMIO
+    address) stops the machine with the device named."""
+    try:
+        faults.inject("device.io")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, f"device {mapping.device.name} at {addr:#x}") from None
+
+
 def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
-    ioctl = libc.raw_ioctl if faults.active() is None else _faulty(libc.raw_ioctl)
+    checked = faults.active() is not None
+    ioctl = _faulty(libc.raw_ioctl, vcpu) if checked else libc.raw_ioctl
     fd = vcpu.fd
     request = ctypes.c_ulong(ioctls.KVM_RUN)
     zero = ctypes.c_ulong(0)
@@ -95,6 +114,8 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
             if m is None:
                 _unclaimed(machine, vcpu, "port", port, size, out, page, offset)
                 return
+            if checked:
+                _device_fault(m, port)
             dev, rel = m.device, port - m.base
             if out:
                 if count == 1 and size == 1:
@@ -117,6 +138,8 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
             if m is None:
                 _unclaimed(machine, vcpu, "MMIO address", addr, length, is_write, page, 40)
                 return
+            if checked:
+                _device_fault(m, addr)
             if is_write:
                 m.device.write(addr - m.base, length, from_bytes(data[:length], "little"))
             else:

@@ -7,7 +7,7 @@ so "what can the host read of the guest" is always this list of windows.
 import ctypes
 from dataclasses import dataclass, field
 
-from kvmkit import libc
+from kvmkit import faults, libc
 
 
 @dataclass
@@ -38,6 +38,7 @@ class HostMappings:
 
     def map(self, offset: int, size: int, owner: str, prot: int | None = None) -> HostWindow:
         prot = libc.PROT_READ | libc.PROT_WRITE if prot is None else prot
+        faults.inject("memory.mmap")
         addr = libc.mmap(size, prot, libc.MAP_SHARED | self.map_flags, self.fd, offset)
         view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
         window = HostWindow(offset, size, addr, owner, view)

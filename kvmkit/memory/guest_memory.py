@@ -3,7 +3,7 @@
 import os
 from types import TracebackType
 
-from kvmkit import libc
+from kvmkit import faults, libc
 from kvmkit.errors import KvmkitError
 from kvmkit.kvm import KvmError, KvmUnsupportedError, Vm
 from kvmkit.memory.attributes import AttributeMap
@@ -45,7 +45,14 @@ class GuestMemory:
         self.choice = choose_backend(
             vm, backend, hugepage_size=hugepage_size, no_direct_map=no_direct_map
         )
-        self.backend: Backend = self.choice.create(vm, size_bytes)
+        try:
+            faults.inject("memory.create")
+            self.backend: Backend = self.choice.create(vm, size_bytes)
+        except OSError as e:
+            raise KvmkitError(
+                f"cannot create {format_size(size_bytes)} of {self.choice.name} guest memory:"
+                f" {e.strerror}"
+            ) from None
         self._notes: list[str] = gmem_flag_report(vm) if self.backend.name == "guest_memfd" else []
         self.mappings = HostMappings(self.backend.fd, self.backend.map_flags)
         self.attributes = AttributeMap()
@@ -200,9 +207,16 @@ class GuestMemory:
     def discard(self, gpa: int, size: int) -> None:
         """Free [gpa, gpa+size): the host gets the memory back; the guest reads zeros."""
         off = self._check_discard(gpa, size)
-        libc.fallocate(
-            self.backend.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, off, size
-        )
+        try:
+            faults.inject("memory.punch")
+            libc.fallocate(
+                self.backend.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, off, size
+            )
+        except OSError as e:
+            raise KvmkitError(
+                f"discard {gpa:#x}+{size:#x} failed: {e.strerror}; the guest's memory there"
+                " is unchanged"
+            ) from None
 
     def prealloc(self) -> None:
         """Allocate every page of guest RAM now (fallocate), under the NUMA policy."""
@@ -210,6 +224,7 @@ class GuestMemory:
         if use_thread_policy:
             libc.set_mempolicy(self.numa.mpol, self.numa.nodes)
         try:
+            faults.inject("memory.fallocate")
             libc.fallocate(self.backend.fd, libc.FALLOC_FL_KEEP_SIZE, 0, self.size_bytes)
         except OSError as e:
             raise KvmkitError(

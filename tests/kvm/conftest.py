@@ -19,15 +19,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def kvm():
-    from kvmkit.kvm import Kvm
-
-    with Kvm() as k:
-        yield k
-
-
-@pytest.fixture
-def vm(kvm):
+def vm(kvm):  # `kvm` comes from kvmkit's pytest plugin (kvmkit/testing/plugin.py)
     with kvm.create_vm() as v:
         yield v
 

@@ -23,6 +23,7 @@ EXPECTED_CONSOLE = {
     "exitloop": b"",
     "touch": b"",
     "counter": b"cpu0 n=10 sum=0xe11826c763805db8\n",
+    "trap": b"trap: handlers ready\ntrap: 0 event(s)\n",
 }
 
 

@@ -65,3 +65,74 @@ def test_toml_plan_and_summary(tmp_path):
     path.write_text("[[fault]]\nwhere = 1\n")
     with pytest.raises(ConfigError, match=r'\[\[fault\]\] 1 needs rule = "..."'):
         load_plan([], str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "action", "detail"),
+    [
+        ("ioctl:KVM_RUN:delay=5ms@every=10", "delay", 0.005),
+        ("snapshot.read:delay=0.5s@once", "delay", 0.5),
+        ("snapshot.write:short@nth=2", "short", None),
+        ("migration.send:disconnect@nth=3,after=migration.precopy", "disconnect", None),
+        ("memory.punch:EIO@once", "errno", None),
+        ("device.io:EIO@nth=4", "errno", None),
+    ],
+)
+def test_other_actions_parse(text, action, detail):
+    rule = parse_rule(text)
+    assert rule.action == action
+    if detail is not None:
+        assert rule.delay_s == detail
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("ioctl:KVM_RUN:short@once", "short applies to"),
+        ("snapshot.write:disconnect@once", "disconnect applies to migration.send"),
+        ("snapshot.write:EIO@after=precopy", "unknown phase 'precopy'"),
+        ("memory.mmapp:EIO@once", "one of snapshot.write"),
+    ],
+)
+def test_actions_a_site_cannot_take_are_refused(text, complaint):
+    with pytest.raises(ConfigError) as e:
+        parse_rule(text)
+    assert complaint in str(e.value)
+
+
+def test_after_phase_counts_only_calls_once_the_phase_began():
+    plan = FaultPlan([parse_rule("snapshot.write:EIO@nth=2,after=snapshot")])
+    assert [plan.planned("snapshot.write") for _ in range(3)] == [0, 0, 0]
+    plan.enter("snapshot")
+    assert [plan.planned("snapshot.write") for _ in range(3)] == [0, errno.EIO, 0]
+    assert [i.call for i in plan.log] == [5]
+
+
+def test_every_rule_on_a_site_counts_each_call():
+    plan = load_plan(["snapshot.write:EIO@nth=2", "snapshot.write:ENOSPC@nth=3"])
+    assert [plan.planned("snapshot.write") for _ in range(4)] == [0, errno.EIO, errno.ENOSPC, 0]
+
+
+def test_hooks_raise_delay_and_shorten():
+    from kvmkit.faults import active_plan, inject
+
+    plan = load_plan(
+        [
+            "snapshot.write:short@nth=1",
+            "snapshot.write:EIO@nth=2",
+            "migration.send:disconnect@once",
+            "snapshot.read:delay=20ms@once",
+        ]
+    )
+    with active_plan(plan):
+        assert inject("snapshot.write") is True
+        with pytest.raises(OSError, match="fault injected at snapshot.write"):
+            inject("snapshot.write")
+        with pytest.raises(ConnectionResetError):
+            inject("migration.send")
+        import time
+
+        start = time.monotonic()
+        assert inject("snapshot.read") is False
+        assert time.monotonic() - start >= 0.02
+    assert inject("snapshot.write") is False  # no plan active: nothing happens
