@@ -16,7 +16,7 @@ from kvmkit.api.client import ApiCallError, call
 from kvmkit.api.server import ApiServer
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.errors import KvmkitError
-from kvmkit.faults import FaultPlan, FaultRule, active_plan
+from kvmkit.faults import FaultPlan, FaultRule, active_plan, load_plan
 from kvmkit.kvm import KvmUnsupportedError
 from kvmkit.machine import Machine
 from kvmkit.snapshot.file import SnapshotFile, SnapshotWriteError, inspect
@@ -138,6 +138,22 @@ def test_compressed_snapshot_restores(tmp_path):
     assert report.file_bytes < report.memory_bytes  # counter pages are mostly zeros
     assert inspect(tmp_path / "z.snap")["memory"]["compressed_chunks"] > 0
     restore_and_finish(tmp_path / "z.snap", tmp_path / "b.txt")
+    text = (tmp_path / "a.txt").read_text() + (tmp_path / "b.txt").read_text()
+    assert_counter_output(text, 1, 300)
+
+
+def test_short_writes_and_short_reads_are_completed(tmp_path):
+    run = Running(counter_config(tmp_path / "a.txt", 300))
+    time.sleep(0.05)
+    with active_plan(load_plan(["snapshot.write:short@every=2"])) as plan:
+        run.machine.snapshot(tmp_path / "s.snap")
+    run.kill()
+    assert len(plan.log) > 3
+    with active_plan(load_plan(["snapshot.read:short@every=2"])) as plan:
+        machine = Machine.restore(tmp_path / "s.snap", console=str(tmp_path / "b.txt"))
+    with machine:
+        assert machine.run().status == 0
+    assert len(plan.log) > 3
     text = (tmp_path / "a.txt").read_text() + (tmp_path / "b.txt").read_text()
     assert_counter_output(text, 1, 300)
 
