@@ -4,10 +4,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvmkit import __version__, cli_check, cli_snapshot
+from kvmkit import __version__, cli_check, cli_migrate, cli_snapshot
 from kvmkit.api.server import ApiServer
+from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.errors import ConfigError, KvmkitError
-from kvmkit.faults import active_plan, load_plan
 from kvmkit.guests.build import BUILTIN
 from kvmkit.machine import Machine, MachineConfig, RunResult
 from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
@@ -149,25 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
         " the kernel, so a guest ends through the debug-exit port)",
     )
     run.add_argument(
+        "--dirty-ring",
+        nargs="?",
+        const="64K",
+        default=None,
+        metavar="SIZE",
+        help="give each vCPU a KVM dirty ring of SIZE bytes (a power of two; default 64K),"
+        " used instead of the dirty bitmap when the machine is migrated; see"
+        " benchmarks/dirty_tracking.py for which is faster",
+    )
+    run.add_argument(
         "--api-socket",
         metavar="PATH",
-        help="serve the control API (status, pause, resume, snapshot, stop) on a Unix socket"
-        " at PATH, mode 0600; see 'kvmkit ctl' and 'kvmkit snapshot'",
+        help="serve the control API (status, pause, resume, snapshot, migrate, stop) on a"
+        " Unix socket at PATH, mode 0600; see 'kvmkit ctl', 'kvmkit snapshot' and"
+        " 'kvmkit migrate'",
     )
-    run.add_argument(
-        "--fault",
-        action="append",
-        default=[],
-        metavar="RULE",
-        help="inject a failure: WHERE:WHAT@WHEN, e.g. ioctl:KVM_RUN:EINTR@every=100,"
-        " ioctl:KVM_CREATE_VCPU:ENOMEM@once, snapshot.write:EIO@nth=3,"
-        " ioctl:KVM_SET_REGS:EFAULT@p=0.05,seed=7 (repeatable); a summary is printed",
-    )
-    run.add_argument(
-        "--fault-plan",
-        metavar="FILE",
-        help='fault rules from a TOML file: [[fault]] tables with rule = "WHERE:WHAT@WHEN"',
-    )
+    add_fault_arguments(run)
     run.add_argument(
         "--quiet",
         "-q",
@@ -205,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_snapshot.add_parsers(sub, _Parser)
     cli_check.add_parser(sub, _Parser)
+    cli_migrate.add_parser(sub, _Parser)
 
     sub.add_parser(
         "guests",
@@ -231,6 +230,9 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         else NumaPolicy(args.numa_policy, parse_nodes(args.numa_node)),
         hide=args.hide_guest_memory,
         irqchip=args.irqchip,
+        dirty_ring_bytes=0
+        if args.dirty_ring is None
+        else parse_size(args.dirty_ring, "dirty ring size"),
     )
 
 
@@ -252,15 +254,7 @@ def format_summary(r: RunResult) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    if not args.fault and not args.fault_plan:
-        return run_machine(Machine(config), args)
-    plan = load_plan(args.fault, args.fault_plan)
-    try:
-        with active_plan(plan):
-            return run_machine(Machine(config), args)
-    finally:
-        for line in plan.summary():
-            print(f"kvmkit: fault {line}", file=sys.stderr)
+    return run_with_faults(args, lambda: run_machine(Machine(config), args))
 
 
 def run_machine(machine: Machine, args: argparse.Namespace) -> int:
@@ -333,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selftest": cmd_selftest,
             "guests": cmd_guests,
             "snapshot": lambda a: cli_snapshot.cmd_snapshot(a, run_machine),
+            "migrate": lambda a: cli_migrate.cmd_migrate(a, run_machine),
             "ctl": cli_snapshot.cmd_ctl,
             "check": cli_check.cmd_check,
         }

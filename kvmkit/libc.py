@@ -88,6 +88,7 @@ _syscall.restype = ctypes.c_long
 
 MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23  # Linux 5.14: fault the range in, writable, in one call
 MADV_COLLAPSE = 25
 
 SYS_mbind = 237

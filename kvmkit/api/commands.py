@@ -1,5 +1,6 @@
 """What the control API can do to a running machine, independent of transport."""
 
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -51,6 +52,46 @@ def _snapshot(machine: Controllable, args: dict[str, Any]) -> dict[str, Any]:
     return {"snapshot": report.to_dict(), **machine.status()}
 
 
+Emit = Callable[[dict[str, Any]], None]
+
+
+def _migrate(machine: Controllable, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    from kvmkit.migration import migrate
+
+    to = args.get("to")
+    if not isinstance(to, str) or not to:
+        raise ApiError('migrate needs "to": tcp:HOST:PORT or unix:PATH of a listening target')
+    downtime = args.get("max_downtime_ms", 20)
+    bandwidth = args.get("bandwidth_bps", 0)
+    if not isinstance(downtime, int | float) or downtime <= 0:
+        raise ApiError('"max_downtime_ms" is a positive number of milliseconds')
+    if not isinstance(bandwidth, int) or bandwidth < 0:
+        raise ApiError('"bandwidth_bps" is a whole number of bytes per second (0: no limit)')
+    iterations = args.get("max_iterations", 30)
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ApiError('"max_iterations" is a whole number of pre-copy passes, at least 1')
+    try:
+        report = migrate(
+            machine,  # type: ignore[arg-type]
+            to,
+            max_downtime_ms=float(downtime),
+            bandwidth_bps=bandwidth,
+            auto_converge=bool(args.get("auto_converge", False)),
+            max_iterations=iterations,
+            progress=emit,
+        )
+    except KvmkitError as e:  # the caller may be gone: say it where the VM runs, too
+        print(f"kvmkit: {e}", file=sys.stderr)
+        raise
+    return {"migration": report.to_dict()}
+
+
+# Commands that report progress while they work: the server sends each event as
+# {"event": {...}} on its own line before the final answer.
+STREAMING: dict[str, Callable[[Controllable, dict[str, Any], Emit], dict[str, Any]]] = {
+    "migrate": _migrate,
+}
+
 COMMANDS: dict[str, Callable[[Controllable, dict[str, Any]], dict[str, Any]]] = {
     "status": _status,
     "pause": _pause,
@@ -60,19 +101,20 @@ COMMANDS: dict[str, Callable[[Controllable, dict[str, Any]], dict[str, Any]]] = 
 }
 
 
-def handle(machine: Controllable, request: object) -> dict[str, Any]:
-    """One request in, one response out; never raises."""
+def handle(machine: Controllable, request: object, emit: Emit | None = None) -> dict[str, Any]:
+    """One request in, one response out (progress events through `emit`); never raises."""
     if not isinstance(request, dict):
         return {"ok": False, "error": 'a request is a JSON object with "cmd"'}
     cmd = request.get("cmd")
-    handler = COMMANDS.get(cmd) if isinstance(cmd, str) else None
-    if handler is None:
+    if not isinstance(cmd, str) or (cmd not in COMMANDS and cmd not in STREAMING):
         return {
             "ok": False,
-            "error": f"unknown command {cmd!r}: use one of {', '.join(COMMANDS)}",
+            "error": f"unknown command {cmd!r}: use one of {', '.join([*COMMANDS, *STREAMING])}",
         }
     try:
-        return {"ok": True, **handler(machine, request)}
+        if cmd in STREAMING:
+            return {"ok": True, **STREAMING[cmd](machine, request, emit or (lambda e: None))}
+        return {"ok": True, **COMMANDS[cmd](machine, request)}
     except KvmkitError as e:
         return {"ok": False, "error": str(e)}
     except Exception as e:  # a kvmkit bug must not kill the server or the VM

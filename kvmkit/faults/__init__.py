@@ -4,8 +4,9 @@ deliver guest-visible faults (exceptions, NMIs, machine checks) to test guests.
 
 A hook point asks the active plan just before the real operation; with no plan
 active it does nothing. Sites: `ioctl:<name>` for every KVM ioctl (kvmkit/kvm/ioctl.py
-and the vCPU loop's KVM_RUN), and the named sites in `SITES` (snapshot files, memory
-backends, device I/O, migration streams). See plan.py for the rule syntax.
+and the vCPU loop's KVM_RUN), `cap:<name>` for the answers of KVM_CHECK_EXTENSION (a
+host without a capability, on demand), and the named sites in `SITES` (snapshot files,
+memory backends, device I/O, migration streams). See plan.py for the rule syntax.
 """
 
 from kvmkit.faults.guest_events import GuestEvent, deliver, parse_event
@@ -16,6 +17,7 @@ from kvmkit.faults.plan import (
     FaultRule,
     active,
     active_plan,
+    capability_answer,
     enter_phase,
     errno_after_delay,
     inject,
@@ -33,6 +35,7 @@ __all__ = [
     "GuestEvent",
     "active",
     "active_plan",
+    "capability_answer",
     "deliver",
     "enter_phase",
     "errno_after_delay",

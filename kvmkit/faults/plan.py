@@ -5,12 +5,16 @@ A rule reads `WHERE:WHAT@WHEN`, e.g. `ioctl:KVM_RUN:EINTR@every=100`,
 `ioctl:KVM_SET_REGS:EFAULT@p=0.05,seed=7`, `ioctl:KVM_RUN:#GP@nth=5`,
 `migration.send:disconnect@nth=2,after=migration.precopy`:
 
-- WHERE: a hook site (`SITES`, plus `ioctl:<KVM ioctl name>` for every KVM ioctl).
+- WHERE: a hook site (`SITES`, plus `ioctl:<KVM ioctl name>` for every KVM ioctl, and
+  `cap:<KVM_CAP_ name>` for what KVM_CHECK_EXTENSION answers).
 - WHAT:
+  - for a `cap:` site, a number: KVM_CHECK_EXTENSION answers it instead of the host's
+    value (`cap:GUEST_MEMFD:0@always` is a host without guest_memfd);
   - an errno name (EINTR, EAGAIN, ENOMEM, EIO, EFAULT, ...): the call fails with it;
   - `delay=N[ms|s]`: the call waits first, then runs;
   - `short`: a read or write moves half its bytes (file and stream sites);
   - `disconnect`: the connection drops (stream sites);
+  - `corrupt`: one bit of the data sent flips (stream sites);
   - a guest event, before a `KVM_RUN` only: `#GP[=ERROR_CODE]`, `#UD`, `#PF=ADDRESS`,
     `NMI`, `MCE[=ADDRESS]` (see kvmkit/faults/guest_events.py).
 - WHEN: `once` (the first call), `always`, `nth=N` (the Nth call), `every=N` (every
@@ -79,6 +83,7 @@ class FaultRule:
     action: str = "errno"
     delay_s: float = 0.0
     event: GuestEvent | None = None
+    value: int = 0  # the answer of a cap: rule
     after: str = ""
     calls: int = 0
     _rng: random.Random | None = field(default=None, repr=False, compare=False)
@@ -99,6 +104,8 @@ class FaultRule:
             return f"delay {self.delay_s * 1000:g} ms"
         if self.action == "event" and self.event is not None:
             return self.event.describe()
+        if self.action == "answer":
+            return f"answers {self.value:#x}"
         return self.action
 
 
@@ -136,9 +143,9 @@ class FaultPlan:
         """Count a call at `site`; the errno to fail it with, or 0 (delays are served)."""
         return errno_after_delay(self.fire(site))
 
-    def check(self, site: str) -> bool:
-        """The hook: raise the planned OSError, wait the planned delay; True when the
-        operation should be short (move half its bytes)."""
+    def check(self, site: str) -> str:
+        """The hook: raise the planned OSError, wait the planned delay; returns "short"
+        or "corrupt" when the operation should be changed so, else ""."""
         return _act(self.fire(site), site)
 
     def enter(self, phase: str) -> None:
@@ -160,6 +167,7 @@ class FaultPlan:
 
 # -- parsing --------------------------------------------------------------------------------
 def _known_site(site: str, text: str) -> None:
+    from kvmkit.uapi.caps import Cap
     from kvmkit.uapi.ioctls import ioctl_names
 
     if site in SITES:
@@ -167,9 +175,11 @@ def _known_site(site: str, text: str) -> None:
     kind, _, name = site.partition(":")
     if kind == "ioctl" and name in ioctl_names():
         return
+    if kind == "cap" and name in Cap.__members__:
+        return
     raise ConfigError(
         f"fault rule {text!r}: unknown site {site!r}: use ioctl:<KVM ioctl name> (e.g."
-        f" ioctl:KVM_RUN) or one of {', '.join(SITES)}"
+        f" ioctl:KVM_RUN), cap:<capability> (e.g. cap:GUEST_MEMFD) or one of {', '.join(SITES)}"
     )
 
 
@@ -179,9 +189,18 @@ _DELAY_RE = re.compile(r"^delay=(\d+(?:\.\d+)?)(ms|s)?$", re.IGNORECASE)
 def _parse_what(rule: FaultRule, what: str, text: str) -> None:
     """Fill the rule's action from WHAT, refusing actions the site cannot take."""
     site = rule.site
+    if site.startswith("cap:"):
+        try:
+            rule.action, rule.value = "answer", int(what, 0)
+        except ValueError:
+            raise ConfigError(
+                f"fault rule {text!r}: a cap: rule gives the answer KVM_CHECK_EXTENSION"
+                f" should return, a number (e.g. {site}:0@always), not {what!r}"
+            ) from None
+        return
     if m := _DELAY_RE.match(what):
         rule.action, rule.delay_s = "delay", float(m.group(1)) / (1 if m.group(2) == "s" else 1000)
-    elif what.lower() in ("short", "disconnect"):
+    elif what.lower() in ("short", "disconnect", "corrupt"):
         rule.action = what.lower()
         allowed = STREAM_SITES + (FILE_SITES if rule.action == "short" else ())
         if site not in allowed:
@@ -296,12 +315,23 @@ def planned_rule(site: str) -> FaultRule | None:
         return plan.fire(site)
 
 
-def inject(site: str) -> bool:
-    """A hook point: raises the planned OSError, serves a delay; True when the operation
-    should be short (move half its bytes)."""
+def capability_answer(name: str, real: int) -> int:
+    """The `cap:<name>` hook (KVM_CHECK_EXTENSION, in kvmkit/kvm/ioctl.py): the answer
+    the plan gives for this capability, else the host's own `real` one."""
     plan = _active
     if plan is None:
-        return False
+        return real
+    with _lock:
+        rule = plan.fire(f"cap:{name}")
+    return rule.value if rule is not None and rule.action == "answer" else real
+
+
+def inject(site: str) -> str:
+    """A hook point: raises the planned OSError, serves a delay; returns "short" (move
+    half the bytes) or "corrupt" (flip a bit of them) when the plan says so, else ""."""
+    plan = _active
+    if plan is None:
+        return ""
     with _lock:
         rule = plan.fire(site)
     return _act(rule, site)
@@ -314,10 +344,10 @@ def errno_after_delay(rule: FaultRule | None) -> int:
     return rule.errno if rule is not None and rule.action == "errno" else 0
 
 
-def _act(rule: FaultRule | None, site: str) -> bool:
-    """Carry out `rule` at a raising hook point; True for a short operation."""
+def _act(rule: FaultRule | None, site: str) -> str:
+    """Carry out `rule` at a raising hook point; "short" or "corrupt" for the caller."""
     if rule is None:
-        return False
+        return ""
     if rule.action == "errno":
         raise OSError(rule.errno, os.strerror(rule.errno), f"fault injected at {site}")
     if rule.action == "disconnect":
@@ -326,7 +356,7 @@ def _act(rule: FaultRule | None, site: str) -> bool:
         )
     if rule.action == "delay":
         time.sleep(rule.delay_s)
-    return rule.action == "short"
+    return rule.action if rule.action in ("short", "corrupt") else ""
 
 
 def enter_phase(phase: str) -> None:

@@ -97,6 +97,13 @@ BUILTIN: dict[str, GuestProgram] = {
             "each vCPU counts in memory and prints a running checksum; --guest-arg steps",
         ),
         GuestProgram(
+            "dirtier",
+            SRC_DIR / "dirtier.S",
+            "long",
+            LONG_LOAD,
+            "writes memory at a set rate; --guest-arg pages/ms | MiB << 32 | rounds << 48",
+        ),
+        GuestProgram(
             "trap",
             SRC_DIR / "trap.S",
             "long",

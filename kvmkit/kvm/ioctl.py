@@ -5,7 +5,8 @@ import ctypes
 from kvmkit import faults as _faults
 from kvmkit.kvm.errors import KvmError
 from kvmkit.libc import raw_ioctl
-from kvmkit.uapi.ioctls import ioctl_name
+from kvmkit.uapi.caps import Cap
+from kvmkit.uapi.ioctls import KVM_CHECK_EXTENSION, ioctl_name
 
 Arg = int | ctypes.Structure | ctypes.Array | ctypes._Pointer | None
 
@@ -27,4 +28,13 @@ def kvm_ioctl(fd: int, request: int, arg: Arg = None, *, hint: str = "") -> int:
         ret = raw_ioctl(fd, ctypes.c_ulong(request), ctypes.byref(arg))
     if ret < 0:
         raise KvmError(ioctl_name(request), ctypes.get_errno(), hint)
+    if request == KVM_CHECK_EXTENSION and _faults.active() is not None:
+        return _faults.capability_answer(cap_name(arg), ret)  # type: ignore[arg-type]
     return ret
+
+
+def cap_name(number: int) -> str:
+    try:
+        return Cap(number).name
+    except ValueError:
+        return str(number)

@@ -35,6 +35,7 @@ from kvmkit.uapi.cpu import (
     kvm_xsave,
 )
 from kvmkit.uapi.exits import ExitReason
+from kvmkit.uapi.memory import KVM_DIRTY_LOG_PAGE_OFFSET
 from kvmkit.uapi.run import kvm_run
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 S = TypeVar("S", bound=ctypes.Structure)
 
 KICK_SIGNAL = signal.SIGUSR1
+PAGE_BYTES = 4096
 
 
 def _ignore_kick(signum: int, frame: object) -> None:
@@ -73,15 +75,21 @@ class Vcpu:
     """A vCPU fd with its kvm_run page mapped.
 
     `run_struct` is the live `kvm_run`; `run_page` is a writable memoryview of the
-    whole mapping (kvm_run, the PIO data page, the coalesced MMIO ring).
+    whole mapping (kvm_run, the PIO data page, the coalesced MMIO ring). Where the VM
+    has a dirty ring, `dirty_ring` is a writable view of this vCPU's ring as u64 words
+    (two per `kvm_dirty_gfn`: flags | slot << 32, then the page offset in the slot).
     """
 
-    def __init__(self, vm: "Vm", index: int, fd: int, mmap_size: int) -> None:
+    def __init__(
+        self, vm: "Vm", index: int, fd: int, mmap_size: int, dirty_ring_bytes: int = 0
+    ) -> None:
         self.vm = vm
         self.index = index
         self.fd = fd
         self.mmap_size = mmap_size
         self.mce_ready = False  # KVM_X86_SETUP_MCE done (see faults/guest_events.py)
+        self.dirty_ring_bytes = 0
+        self.dirty_ring: memoryview | None = None
         try:
             self.run_addr = libc.mmap(
                 mmap_size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd
@@ -92,11 +100,36 @@ class Vcpu:
         self.run_page = memoryview((ctypes.c_char * mmap_size).from_address(self.run_addr)).cast(
             "B"
         )
+        if dirty_ring_bytes:
+            self._map_dirty_ring(dirty_ring_bytes)
+
+    def _map_dirty_ring(self, size_bytes: int) -> None:
+        try:
+            self.ring_addr = libc.mmap(
+                size_bytes,
+                libc.PROT_READ | libc.PROT_WRITE,
+                libc.MAP_SHARED,
+                self.fd,
+                KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_BYTES,
+            )
+        except OSError as e:  # the caller closes the fd
+            self.run_page.release()
+            libc.munmap(self.run_addr, self.mmap_size)
+            raise KvmError(
+                "mmap(vcpu fd, dirty ring)", e.errno or 0, "cannot map the vCPU's dirty ring"
+            ) from None
+        self.dirty_ring_bytes = size_bytes
+        raw = (ctypes.c_char * size_bytes).from_address(self.ring_addr)
+        self.dirty_ring = memoryview(raw).cast("B").cast("Q")
 
     # -- lifecycle --------------------------------------------------------
     def close(self) -> None:
         if self.fd < 0:
             return
+        if self.dirty_ring is not None:
+            self.dirty_ring.release()
+            self.dirty_ring = None
+            libc.munmap(self.ring_addr, self.dirty_ring_bytes)
         self.run_page.release()
         libc.munmap(self.run_addr, self.mmap_size)
         os.close(self.fd)

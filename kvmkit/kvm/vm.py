@@ -66,6 +66,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self.vcpus: list[Vcpu] = []
+        self.dirty_ring_bytes = 0  # per vCPU, once enable_dirty_ring() is done
 
     # -- lifecycle --------------------------------------------------------
     def close(self) -> None:
@@ -98,13 +99,31 @@ class Vm:
             ec.args[i] = a
         kvm_ioctl(self.fd, ioctls.KVM_ENABLE_CAP, ec)
 
+    def enable_dirty_ring(self, size_bytes: int) -> str:
+        """Give every vCPU created from now on a dirty ring of `size_bytes` (a power of
+        two, at least a page; before the first vCPU). Prefers the ACQ_REL flavour;
+        returns the capability's name. KVM_GET_DIRTY_LOG is refused afterwards."""
+        for cap in (Cap.DIRTY_LOG_RING_ACQ_REL, Cap.DIRTY_LOG_RING):
+            most = self.check_extension(cap)
+            if most:
+                if size_bytes > most:
+                    raise KvmError(
+                        "KVM_ENABLE_CAP",
+                        errno.EINVAL,
+                        f"a dirty ring of {size_bytes} bytes is above this host's {most}",
+                    )
+                self.enable_cap(cap, size_bytes)
+                self.dirty_ring_bytes = size_bytes
+                return f"KVM_CAP_{cap.name}"
+        raise KvmError("KVM_ENABLE_CAP", errno.ENOTSUP, "this host has no KVM_CAP_DIRTY_LOG_RING")
+
     # -- vCPUs ------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":
         from kvmkit.kvm.vcpu import Vcpu
 
         fd = kvm_ioctl(self.fd, ioctls.KVM_CREATE_VCPU, vcpu_id)
         try:
-            vcpu = Vcpu(self, vcpu_id, fd, self.kvm.vcpu_mmap_size)
+            vcpu = Vcpu(self, vcpu_id, fd, self.kvm.vcpu_mmap_size, self.dirty_ring_bytes)
         except BaseException:
             os.close(fd)
             raise

@@ -21,14 +21,14 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "memory size") -> int:
     """ "512M", "1G", "2GiB", "4096" -> bytes. Raises ConfigError naming the fix."""
     if isinstance(text, int):
         return text
     m = _SIZE_RE.match(text)
     if not m:
         raise ConfigError(
-            f"memory size {text!r} is not a size: use a whole number with an optional"
+            f"{what} {text!r} is not a size: use a whole number with an optional"
             " K, M, G or T suffix, e.g. 512M or 2G"
         )
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
@@ -63,6 +63,7 @@ class MachineConfig:
     numa: NumaPolicy | None = None
     hide: str = "off"  # off, unmap (no host mapping of guest RAM), direct-map (and no direct map)
     irqchip: bool = False  # in-kernel PIC, IOAPIC, LAPICs and PIT; HLT then waits in the kernel
+    dirty_ring_bytes: int = 0  # per-vCPU dirty ring for dirty tracking (0: the bitmap)
 
     @property
     def program(self) -> GuestProgram | None:
@@ -125,6 +126,11 @@ class MachineConfig:
             raise ConfigError(
                 f"--hide-guest-memory needs the guest_memfd backend: {self.memory_backend} memory"
                 " is reached through the host mapping"
+            )
+        ring = self.dirty_ring_bytes
+        if ring and (ring < PAGE_SIZE or ring & (ring - 1)):
+            raise ConfigError(
+                f"dirty ring size {ring} bytes is not a power of two of at least 4 KiB, e.g. 64K"
             )
         if self.numa is not None:
             self.numa.validate()

@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 
 from kvmkit.devices import DebugExit, Device, PostCode, Serial16550, mmio_bus, pio_bus
 from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT
+from kvmkit.devices.pace import PACE_PORT, PaceClock
 from kvmkit.devices.post import POST_PORT
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.errors import KvmkitError
@@ -30,6 +31,7 @@ from kvmkit.machine.result import (
 )
 from kvmkit.machine.vcpu_loop import _NR_REASONS, run_vcpu
 from kvmkit.memory import GuestMemory
+from kvmkit.memory.dirty_ring import DirtyRings
 from kvmkit.memory.layout import format_size
 from kvmkit.snapshot import file as snapshot_file
 from kvmkit.snapshot.file import SnapshotReport
@@ -46,6 +48,22 @@ from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.exits import ExitReason
 
 JOIN_TIMEOUT_S = 5.0
+
+
+def config_from_description(
+    m: dict[str, Any], backend: str | None = None, console: str | None = None
+) -> MachineConfig:
+    """The MachineConfig that rebuilds a machine a snapshot or migration describes."""
+    return MachineConfig(
+        memory_bytes=int(m["memory_bytes"]),
+        vcpus=int(m["vcpus"]),
+        memory_backend=backend or str(m["backend"]),
+        guest=str(m["guest"]),
+        guest_arg=int(m["guest_arg"]),
+        hugepage_size=int(m["hugepage_size"]),
+        irqchip=bool(m["irqchip"]),
+        console=console,
+    )
 
 
 class Machine:
@@ -81,6 +99,7 @@ class Machine:
         self._result: RunResult | None = None
         self._halted: set[int] = set()
         self._threads: list[threading.Thread] = []
+        self.dirty_rings: DirtyRings | None = None
         install_kick_handler()  # so a pause or stop reaches a vCPU spinning in the guest
         try:
             self._build(console, saved)
@@ -97,6 +116,8 @@ class Machine:
         )
         image = self._guest_image() if saved is None else b""
         self.vm = self.kvm.create_vm()
+        if config.dirty_ring_bytes:  # before the first vCPU
+            self.vm.enable_dirty_ring(config.dirty_ring_bytes)
         if config.irqchip:
             self.vm.create_irqchip()
             self.vm.create_pit2()
@@ -127,6 +148,8 @@ class Machine:
         self.pio_bus.add(COM1_BASE, UART_REGS, self.serial)
         self.pio_bus.add(POST_PORT, 1, self.post)
         self.pio_bus.add(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, self.debug_exit)
+        self.pace = PaceClock()
+        self.pio_bus.add(PACE_PORT, 1, self.pace)
 
         if config.hide != "off":
             self._hide_guest_memory()
@@ -137,7 +160,9 @@ class Machine:
             self.vcpus.append(vcpu)
             if self.plan is not None:
                 setup_vcpu(vcpu, self.plan, supported)
-        if saved is not None:
+        if config.dirty_ring_bytes:
+            self.dirty_rings = DirtyRings(self.vm, {r.slot: r.offset for r in self.memory.regions})
+        if saved is not None and saved.vcpus:  # an incoming migration loads state later
             apply_machine(saved, self.vm, self.vcpus, self.devices)
 
     def _hide_guest_memory(self) -> None:
@@ -354,7 +379,7 @@ class Machine:
                 "snapshot", "guest memory is hidden from kvmkit, so it cannot be saved"
             )
         if self.lazy is not None:
-            self.lazy.wait()  # a snapshot needs every page of the one it came from
+            self.lazy.finish()  # a snapshot needs every page of the one it came from
         was_paused = self.paused
         self.pause()
         try:
@@ -390,16 +415,7 @@ class Machine:
             backend = memory_backend or str(m["backend"])
             with Kvm() as kvm:
                 warnings = check_host(saved.header, kvm, backend, f"snapshot {path}")
-            config = MachineConfig(
-                memory_bytes=int(m["memory_bytes"]),
-                vcpus=int(m["vcpus"]),
-                memory_backend=backend,
-                guest=str(m["guest"]),
-                guest_arg=int(m["guest_arg"]),
-                hugepage_size=int(m["hugepage_size"]),
-                irqchip=bool(m["irqchip"]),
-                console=console,
-            )
+            config = config_from_description(m, backend, console)
             machine = cls(config, console_stream, saved=saved)
             try:
                 assert machine.memory is not None
@@ -418,6 +434,12 @@ class Machine:
         finally:
             if snap is not None:
                 snap.close()
+
+    def load_state(self, saved: SavedMachine) -> None:
+        """Load VM, vCPU and device state into a machine built for an incoming
+        migration (`Machine(config, saved=<description only>)`), before `run()`."""
+        assert self.vm is not None
+        apply_machine(saved, self.vm, self.vcpus, self.devices)
 
     # -- teardown ---------------------------------------------------------
     def close(self) -> None:

@@ -92,6 +92,7 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
     unpack_io = _IO.unpack_from
     from_bytes = int.from_bytes
     IO, MMIO, HLT, INTR = int(X.IO), int(X.MMIO), int(X.HLT), int(X.INTR)  # ints: faster ==
+    RING_FULL = int(X.DIRTY_RING_FULL)
 
     while not stopping():
         if ioctl(fd, request, zero) < 0:
@@ -150,6 +151,8 @@ def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
             return
         elif reason == INTR:
             continue
+        elif reason == RING_FULL and machine.dirty_rings is not None:
+            machine.dirty_rings.harvest_full(vcpu.index)  # KVM re-enters once the ring has room
         else:
             _stop_on_exit(machine, vcpu, reason)
             return

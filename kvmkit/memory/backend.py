@@ -8,6 +8,7 @@
 A backend owns the file; `GuestMemory` owns every host mapping of it.
 """
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import ClassVar
 
 from kvmkit import libc
 from kvmkit.errors import KvmkitError
-from kvmkit.kvm import KvmUnsupportedError, Vm
+from kvmkit.kvm import KvmError, KvmUnsupportedError, Vm
 from kvmkit.kvm.vm import describe_gmem_flags
 from kvmkit.memory.hugepages import check_pool, shmem_thp_mode, size_label
 from kvmkit.memory.layout import PAGE_SIZE
@@ -25,6 +26,7 @@ from kvmkit.uapi.memory import (
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
 )
 
 BACKEND_NAMES = ("guest_memfd", "memfd", "hugetlb", "thp")
@@ -53,6 +55,28 @@ class Backend:
 
     def bind(self, vm: Vm, slot: int, gpa: int, size: int, offset: int, uaddr: int) -> None:
         raise NotImplementedError
+
+    # How a bound slot is switched to dirty logging and back (GuestMemory.log_dirty).
+    logging_method = "slot flag"
+
+    def set_logging(
+        self,
+        vm: Vm,
+        slot: int,
+        gpa: int,
+        size: int,
+        offset: int,
+        uaddr: int,
+        on: bool,
+        repair: bool = False,
+    ) -> None:
+        """KVM_MEM_LOG_DIRTY_PAGES on or off for a bound slot: a flags change. `repair`:
+        putting a slot back after a failed change (it may be missing)."""
+        flags = KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        if vm.check_extension(Cap.USER_MEMORY2):
+            vm.set_user_memory_region2(slot, gpa, size, uaddr, flags)
+        else:
+            vm.set_user_memory_region(slot, gpa, size, uaddr, flags)
 
     def after_map(self, addr: int, size: int) -> None:
         """Called once the VMM's main mapping exists, before anything touches it."""
@@ -84,6 +108,33 @@ class GuestMemfdBackend(Backend):
             guest_memfd=self.fd,
             guest_memfd_offset=offset,
         )
+
+    logging_method = "plain slots over the guest_memfd mapping"
+
+    def set_logging(
+        self,
+        vm: Vm,
+        slot: int,
+        gpa: int,
+        size: int,
+        offset: int,
+        uaddr: int,
+        on: bool,
+        repair: bool = False,
+    ) -> None:
+        """KVM refuses KVM_MEM_LOG_DIRTY_PAGES on a guest_memfd slot (EINVAL on 6.18),
+        so logging swaps the slot for a plain one over the VMM's mapping of the same
+        guest_memfd pages (nothing is copied), and back. When repairing a half-done
+        swap the slot may already be gone."""
+        if repair:
+            with contextlib.suppress(KvmError):
+                vm.delete_memory_region(slot)
+        else:
+            vm.delete_memory_region(slot)
+        if on:
+            vm.set_user_memory_region2(slot, gpa, size, uaddr, KVM_MEM_LOG_DIRTY_PAGES)
+        else:
+            self.bind(vm, slot, gpa, size, offset, uaddr)
 
 
 class MemfdBackend(Backend):

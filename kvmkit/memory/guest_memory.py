@@ -1,5 +1,6 @@
 """`GuestMemory`: guest RAM, its layout, its backend, and every host window onto it."""
 
+import contextlib
 import os
 from types import TracebackType
 
@@ -85,6 +86,31 @@ class GuestMemory:
             self.backend.bind(self.vm, region.slot, region.gpa, region.size, region.offset, uaddr)
             self._bound.append(region)
 
+    def log_dirty(self, on: bool) -> str:
+        """Turn KVM dirty-page logging on or off for every RAM slot; returns how (see
+        the backend's `set_logging`: a flag change, or for guest_memfd a swap to plain
+        slots over the same pages, during which the vCPUs must be out of KVM_RUN). If
+        KVM refuses a slot, every slot is put back as it was and the error is raised."""
+        if self.hidden:
+            raise GuestMemoryError("dirty logging needs guest RAM mapped in the host")
+        done: list[RamRegion] = []
+        try:
+            for region in self._bound:
+                done.append(region)
+                self._set_logging(region, on)
+        except KvmkitError:
+            for region in done:
+                with contextlib.suppress(KvmkitError):
+                    self._set_logging(region, not on, repair=True)
+            raise
+        return self.backend.logging_method
+
+    def _set_logging(self, region: RamRegion, on: bool, repair: bool = False) -> None:
+        uaddr = self.host_address(region.gpa)
+        self.backend.set_logging(
+            self.vm, region.slot, region.gpa, region.size, region.offset, uaddr, on, repair
+        )
+
     def _unbind_all(self) -> None:
         if self.vm.fd >= 0:
             for region in self._bound:
@@ -148,6 +174,39 @@ class GuestMemory:
             )
         rel = offset - window.offset
         return window.view[rel : rel + length]
+
+    def populate_file_range(self, offset: int, length: int) -> None:
+        """Allocate the backend file's pages [offset, offset+length) and map them into
+        kvmkit's window now (fallocate, then MADV_POPULATE_WRITE): much cheaper than the
+        page faults of writing them one by one. Best effort: where either call is
+        refused, the pages are allocated by the writes that follow instead."""
+        window = self.mappings.covering(offset, max(length, 1))
+        if window is None:
+            return
+        with contextlib.suppress(OSError):
+            libc.fallocate(self.backend.fd, libc.FALLOC_FL_KEEP_SIZE, offset, length)
+        with contextlib.suppress(OSError):
+            libc.madvise(window.addr + offset - window.offset, length, libc.MADV_POPULATE_WRITE)
+
+    def zero_file_range(self, offset: int, length: int) -> None:
+        """Make the backend file's bytes [offset, offset+length) read as zeros: punched
+        out where the range is whole backend pages (freeing them), else written."""
+        step = self.backend.page_size
+        if offset % step == 0 and length % step == 0:
+            try:
+                libc.fallocate(
+                    self.backend.fd,
+                    libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    length,
+                )
+                return
+            except OSError:
+                pass  # a backend that cannot punch: write the zeros instead
+        view = self.file_view(offset, length)
+        zeros = bytes(min(length, 1 << 20))
+        for at in range(0, length, len(zeros)):
+            view[at : at + len(zeros)] = zeros[: length - at]
 
     def host_address(self, gpa: int) -> int:
         window, rel = self._window(gpa, 1)

@@ -47,6 +47,8 @@ VM = b"VMST"
 DEVICES = b"DEVS"
 MEMORY = b"MEM "
 END = b"END "
+PAGES = b"PAGE"  # migration: runs of guest pages (kvmkit/migration/pages.py)
+ITERATION = b"ITER"  # migration: a pre-copy iteration begins
 SECTION_NAMES = {
     MACHINE: "machine description",
     VCPU: "vCPU state",
@@ -54,6 +56,8 @@ SECTION_NAMES = {
     DEVICES: "device state",
     MEMORY: "memory",
     END: "end marker",
+    PAGES: "guest pages",
+    ITERATION: "pre-copy iteration",
 }
 
 
@@ -314,6 +318,13 @@ class StreamReader:
             self._check_end(head, stored)
         return stored
 
+    def open_payload(self, head: SectionHead) -> "PayloadCursor":
+        """Read an uncompressed payload piece by piece, into buffers the caller chooses
+        (guest RAM, for migration), checksummed as it comes; `finish()` verifies it."""
+        if head.flags & FLAG_ZSTD:
+            raise StreamFormatError(f"{self.what}: {head.label}: a compressed section here")
+        return PayloadCursor(self, head)
+
     def read_payload_unverified(self, head: SectionHead, into: memoryview) -> Callable[[], None]:
         """Read an uncompressed payload into `into` and return the check to run on it
         (raising StreamFormatError), so a caller can checksum one payload on another
@@ -396,6 +407,85 @@ class StreamReader:
             n = min(size, len(chunk))
             self._read_exact(chunk[:n], head.label)
             size -= n
+
+
+class PayloadCursor:
+    """One payload read in pieces (`StreamReader.open_payload`). The checksum of each
+    piece is computed on a helper thread while the next is read (both release the GIL);
+    a piece must stay unchanged until `finish()`, which checks that the whole payload
+    was read and that its checksum matches."""
+
+    def __init__(self, reader: StreamReader, head: SectionHead) -> None:
+        self.reader = reader
+        self.head = head
+        self.left = head.stored_bytes
+        self._crc = 0
+        self._pending: Any = None  # the future checksumming the previous pieces
+
+    def _take(self, n: int) -> None:
+        if n > self.left:
+            raise StreamFormatError(
+                f"{self.reader.what}: {self.head.label}: its records describe more bytes"
+                " than its payload holds"
+            )
+        self.left -= n
+
+    def _checksum(self, piece: memoryview) -> None:
+        if len(piece) < PARALLEL_CRC_BYTES:
+            if self._pending is not None:
+                self._crc = self._pending.result()
+                self._pending = None
+            self._crc = zlib.crc32(piece, self._crc)
+            return
+        before = self._pending
+        crc = self._crc
+
+        def chained() -> int:
+            return zlib.crc32(piece, before.result() if before is not None else crc)
+
+        self._pending = _crc_pool().submit(chained)
+
+    def read(self, n: int) -> memoryview:
+        """The next `n` bytes, in a new buffer."""
+        self._take(n)
+        view = memoryview(bytearray(n))
+        self.reader._read_exact(view, self.head.label)
+        self._checksum(view)
+        return view
+
+    def readinto(self, view: memoryview) -> None:
+        """The next len(view) bytes, into `view`."""
+        self._take(len(view))
+        self.reader._read_exact(view, self.head.label)
+        self._checksum(view)
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            self._crc = self._pending.result()
+            self._pending = None
+        if self.left:
+            raise StreamFormatError(
+                f"{self.reader.what}: {self.head.label}: {self.left} bytes of its payload are"
+                " not described by its records"
+            )
+        (crc,) = _CRC.unpack(self.reader._read(_CRC.size, self.head.label))
+        if crc != self._crc:
+            raise StreamFormatError(
+                f"{self.reader.what}: {self.head.label}: checksum mismatch (stored {crc:#010x},"
+                f" computed {self._crc:#010x}): the {section_label(self.head.tag)} data is"
+                " corrupted"
+            )
+
+
+_CRC_POOL: ThreadPoolExecutor | None = None
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    """One helper thread for the checksums of pieces read (see PayloadCursor)."""
+    global _CRC_POOL
+    if _CRC_POOL is None:
+        _CRC_POOL = ThreadPoolExecutor(1, thread_name_prefix="kvmkit-crc-read")
+    return _CRC_POOL
 
 
 # -- small typed payloads -------------------------------------------------------------

@@ -216,9 +216,18 @@ class LazyRestore:
             self.on_error(self.error)
 
     def wait(self, timeout_s: float | None = None) -> None:
-        """Until every chunk is loaded (a snapshot of this machine needs all of them)."""
+        """Until every chunk is loaded."""
         if not self.done.wait(timeout_s):
             raise KvmkitError(self.error or "lazy restore did not finish in time")
+
+    def finish(self, timeout_s: float | None = 60.0) -> None:
+        """Load every chunk not yet in, on this thread (alongside the prefetch, if any),
+        then wait for loads in flight: a snapshot or a migration of this machine needs
+        all of its memory, and without prefetch the guest may never touch it all."""
+        self._prefetch()
+        if self.error is not None:
+            raise KvmkitError(self.error)
+        self.wait(timeout_s)
 
     def close(self) -> None:
         self._closed.set()

@@ -116,14 +116,19 @@ def header_for(
     }
 
 
-def write_machine(
-    writer: StreamWriter,
-    machine: Capturable,
-    kind: str = "snapshot",
-    progress: ProgressFn | None = None,
-) -> WriteStats:
-    """Write a stopped machine (every vCPU out of KVM_RUN, no exit pending)."""
-    assert machine.vm is not None and machine.memory is not None and machine.kvm is not None
+@dataclass
+class CapturedState:
+    """A stopped machine's KVM and device state (not its memory)."""
+
+    description: dict[str, Any]
+    vm: dict[str, bytes]
+    vcpus: list[dict[str, bytes]]
+    devices: dict[str, Any]
+
+
+def capture_state(machine: Capturable) -> CapturedState:
+    """Read VM, vCPU and device state; every vCPU must be out of KVM_RUN."""
+    assert machine.vm is not None and machine.kvm is not None
     description = machine.state_description()
     irqchip, pit = bool(description["irqchip"]), bool(description["pit"])
     msrs = cpu_state.readable_msrs(machine.vcpus[0], machine.kvm.msr_index_list())
@@ -133,15 +138,32 @@ def write_machine(
         name: {"version": dev.state_version, "state": dev.save_state()}
         for name, dev in machine.devices.items()
     }
+    return CapturedState(description, vm_state, vcpus, devices)
+
+
+def write_state(writer: StreamWriter, state: CapturedState) -> None:
+    """The VM, VCPU (one per vCPU) and DEVICES sections."""
+    writer.write_section(VM, [pack_items(state.vm)])
+    for v in state.vcpus:
+        writer.write_section(VCPU, [pack_items(v)])
+    writer.write_section(DEVICES, [pack_json(state.devices)])
+
+
+def write_machine(
+    writer: StreamWriter,
+    machine: Capturable,
+    kind: str = "snapshot",
+    progress: ProgressFn | None = None,
+) -> WriteStats:
+    """Write a stopped machine (every vCPU out of KVM_RUN, no exit pending)."""
+    assert machine.memory is not None
+    state = capture_state(machine)
     extents, method = machine.memory.populated_extents()
     chunks = chunked(extents)
 
-    writer.write_header(header_for(machine, kind, description, vm_state, vcpus))
-    writer.write_section(MACHINE, [pack_json(description)])
-    writer.write_section(VM, [pack_items(vm_state)])
-    for v in vcpus:
-        writer.write_section(VCPU, [pack_items(v)])
-    writer.write_section(DEVICES, [pack_json(devices)])
+    writer.write_header(header_for(machine, kind, state.description, state.vm, state.vcpus))
+    writer.write_section(MACHINE, [pack_json(state.description)])
+    write_state(writer, state)
     writer.write_section(MEMORY, [pack_index(chunks)])
     total = sum(c.length for c in chunks)
     done = 0
@@ -162,17 +184,30 @@ def _expect(reader: StreamReader, tag: bytes, what: str) -> memoryview:
     return reader.read_payload(head)
 
 
-def read_machine(reader: StreamReader) -> SavedMachine:
-    """Read and verify everything up to the memory chunks."""
-    header = reader.read_header()
+def read_machine_description(reader: StreamReader) -> dict[str, Any]:
     machine = unpack_json(_expect(reader, MACHINE, "machine description"), "machine section")
     if not isinstance(machine, dict) or "vcpus" not in machine or "memory_bytes" not in machine:
         raise StreamFormatError(f"{reader.what}: the machine section lacks vcpus/memory_bytes")
+    return machine
+
+
+def read_state(
+    reader: StreamReader, nr_vcpus: int
+) -> tuple[dict[str, bytes], list[dict[str, bytes]], dict[str, Any]]:
+    """The VM, VCPU and DEVICES sections, verified."""
     vm = unpack_items(_expect(reader, VM, "VM state"), "VM section")
     vcpus = []
-    for i in range(int(machine["vcpus"])):
+    for i in range(nr_vcpus):
         vcpus.append(unpack_items(_expect(reader, VCPU, f"vCPU {i} state"), f"vCPU {i} section"))
     devices = unpack_json(_expect(reader, DEVICES, "device state"), "device section")
+    return vm, vcpus, devices
+
+
+def read_machine(reader: StreamReader) -> SavedMachine:
+    """Read and verify everything up to the memory chunks."""
+    header = reader.read_header()
+    machine = read_machine_description(reader)
+    vm, vcpus, devices = read_state(reader, int(machine["vcpus"]))
     index = unpack_index(
         _expect(reader, MEMORY, "memory index"), int(machine["memory_bytes"]), "memory index"
     )

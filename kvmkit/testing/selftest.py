@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvmkit.testing import exit_bench, fault_bench, gmem_bench, vcpu_bench
+from kvmkit.testing import dirty_bench, exit_bench, fault_bench, gmem_bench, vcpu_bench
 from kvmkit.testing.checks import Check, CheckResult, run_check
 
 GROUPS: dict[str, tuple[str, list[Check]]] = {
@@ -25,6 +25,10 @@ GROUPS: dict[str, tuple[str, list[Check]]] = {
     "faults": (
         "guest events (#GP, #UD, #PF, NMI, MCE), retried KVM_RUN errors, failed builds",
         fault_bench.CHECKS,
+    ),
+    "dirty": (
+        "dirty tracking for migration: bitmap and ring, memfd and the guest_memfd view",
+        dirty_bench.CHECKS,
     ),
 }
 

@@ -164,3 +164,19 @@ def test_run_with_an_enomem_fault_names_the_operation():
     assert p.returncode == 1
     assert "kvmkit: error: KVM_CREATE_VCPU failed: ENOMEM" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("image_bytes", "args", "message"),
+    [
+        (16, ["--entry", "0x0"], "entry 0x0 is in page 0: load the guest at 0x1000 or above"),
+        (15 << 20, ["--memory", "16M"], "does not fit below kvmkit's boot"),
+        (1 << 20, ["--mode", "real"], "a real-mode guest must fit below 1 MiB"),
+    ],
+)
+def test_guest_files_that_do_not_fit_are_refused(tmp_path, image_bytes, args, message):
+    guest = tmp_path / "big.bin"
+    guest.write_bytes(b"\xf4" * image_bytes)  # hlt, many times
+    p = kvmkit("run", "--guest", str(guest), *args)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr

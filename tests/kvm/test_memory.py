@@ -328,3 +328,26 @@ def test_windows_survive_struct_reads(vm):
     with GuestMemory(vm, 4 * MIB) as mem:
         mem.write(0x2000, struct.pack("<Q", 42))
         assert struct.unpack("<Q", bytes(mem.view(0x2000, 8)))[0] == 42
+
+
+# -- file ranges (what migration and snapshots use) --------------------------------------
+@pytest.mark.parametrize("backend", ["guest_memfd", "memfd"])
+def test_file_ranges_outside_ram_are_refused_or_ignored(vm, backend):
+    with GuestMemory(vm, 8 * MIB, backend) as mem:
+        with pytest.raises(GuestMemoryError, match="0x800000\\+0x1000 is not mapped in the host"):
+            mem.file_view(8 * MIB, 4096)
+        mem.populate_file_range(8 * MIB, MIB)  # best effort: nothing there, nothing done
+        mem.populate_file_range(MIB, 2 * MIB)
+        assert mem.populated_bytes() >= 2 * MIB  # allocated without a byte written
+
+
+@pytest.mark.parametrize("backend", ["guest_memfd", "memfd"])
+def test_zeroing_a_file_range_punches_whole_pages_and_writes_the_rest(vm, backend):
+    with GuestMemory(vm, 8 * MIB, backend) as mem:
+        mem.file_view(0, 4 * MIB)[:] = b"\x5a" * (4 * MIB)
+        mem.zero_file_range(MIB, MIB)  # whole pages: punched, so freed
+        assert mem.populated_bytes() == 3 * MIB
+        assert bytes(mem.file_view(MIB, MIB)) == bytes(MIB)
+        mem.zero_file_range(100, 5000)  # not page aligned: written
+        view = mem.file_view(0, 8192)
+        assert view[99] == 0x5A and bytes(view[100:5100]) == bytes(5000) and view[5100] == 0x5A

@@ -24,7 +24,10 @@ EXPECTED_CONSOLE = {
     "touch": b"",
     "counter": b"cpu0 n=10 sum=0xe11826c763805db8\n",
     "trap": b"trap: handlers ready\ntrap: 0 event(s)\n",
+    "dirtier": b"dirtier: done after 10 rounds\n",
 }
+# --guest-arg per guest: 10 steps, events or exits; the dirtier: 10 rounds of 10 pages.
+GUEST_ARG = {"dirtier": (10 << 48) | 10}
 
 
 def run_machine(config: MachineConfig):
@@ -38,7 +41,12 @@ def run_machine(config: MachineConfig):
 @pytest.mark.parametrize("guest", list(BUILTIN))
 def test_builtin_guest_exits_zero(guest, backend):
     result, console = run_machine(
-        MachineConfig(guest=guest, memory_backend=backend, memory_bytes=32 << 20, guest_arg=10)
+        MachineConfig(
+            guest=guest,
+            memory_backend=backend,
+            memory_bytes=32 << 20,
+            guest_arg=GUEST_ARG.get(guest, 10),
+        )
     )
     assert result.status == 0, (result.reason, result.detail, console)
     assert result.backend == backend

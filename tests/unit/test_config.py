@@ -45,6 +45,8 @@ def test_parse_int_accepts_hex_and_names_the_field():
         ({"guest": "hello", "entry": 0x1000}, "applies to guest files"),
         ({"guest": "/nonexistent/guest.bin"}, "neither a built-in guest"),
         ({"console": "/nonexistent-dir/console.log"}, "does not exist"),
+        ({"dirty_ring_bytes": 3000}, "not a power of two of at least 4 KiB"),
+        ({"dirty_ring_bytes": 96 << 10}, "not a power of two"),
     ],
 )
 def test_validate_rejects(kwargs, message):

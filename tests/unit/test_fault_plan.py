@@ -31,12 +31,31 @@ def test_rules_from_the_issue_parse(text, site, err):
         ("ioctl:KVM_RUN:EINTR@often", "'often' is not once, always"),
         ("ioctl:KVM_RUN:EINTR@nth=x", "invalid literal"),
         ("ioctl:KVM_RUN:EINTR@p=2", "0 <= p <= 1"),
+        ("cap:GUEST_MEMFDD:0@always", "unknown site 'cap:GUEST_MEMFDD'"),
+        ("cap:GUEST_MEMFD:none@always", "a number (e.g. cap:GUEST_MEMFD:0@always)"),
+        ("snapshot.write:corrupt@once", "corrupt applies to migration.send, migration.recv"),
     ],
 )
 def test_malformed_rules_are_refused_pointing_at_them(text, complaint):
     with pytest.raises(ConfigError, match="fault rule") as e:
         parse_rule(text)
     assert complaint in str(e.value) and repr(text) in str(e.value)
+
+
+def test_capability_rules_answer_for_the_host():
+    from kvmkit.faults import active_plan, capability_answer
+
+    rule = parse_rule("cap:GUEST_MEMFD_FLAGS:0x1@always")
+    assert (rule.site, rule.action, rule.value, rule.describe()) == (
+        "cap:GUEST_MEMFD_FLAGS",
+        "answer",
+        1,
+        "answers 0x1",
+    )
+    with active_plan(FaultPlan([rule])):
+        assert capability_answer("GUEST_MEMFD_FLAGS", 3) == 1
+        assert capability_answer("GUEST_MEMFD", 1) == 1  # other capabilities: the host's
+    assert capability_answer("GUEST_MEMFD_FLAGS", 3) == 3  # no plan: the host's
 
 
 def fired(text, calls=20):
@@ -125,7 +144,7 @@ def test_hooks_raise_delay_and_shorten():
         ]
     )
     with active_plan(plan):
-        assert inject("snapshot.write") is True
+        assert inject("snapshot.write") == "short"
         with pytest.raises(OSError, match="fault injected at snapshot.write"):
             inject("snapshot.write")
         with pytest.raises(ConnectionResetError):
@@ -133,6 +152,6 @@ def test_hooks_raise_delay_and_shorten():
         import time
 
         start = time.monotonic()
-        assert inject("snapshot.read") is False
+        assert inject("snapshot.read") == ""
         assert time.monotonic() - start >= 0.02
-    assert inject("snapshot.write") is False  # no plan active: nothing happens
+    assert inject("snapshot.write") == ""  # no plan active: nothing happens

@@ -23,6 +23,7 @@
 #define PORT_POST       0x80    /* POST code: a byte, recorded, no effect */
 #define PORT_COM1       0x3f8   /* 16550A UART */
 #define PORT_DEBUG_EXIT 0x501   /* a 32-bit write ends the run with that status */
+#define PORT_PACE       0x82    /* a write waits for the next 1 ms tick of the host */
 
 /* The first instructions of a long-mode guest that uses lib.S: its code goes first in
  * the image, and it keeps the boot info in r15 and its vCPU index in r14. */

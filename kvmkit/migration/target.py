@@ -1,0 +1,355 @@
+"""The receiving side of a live migration: accept one connection (on any of the
+addresses listened on), build an empty machine from the description, write pages as
+they come, load the final state, and start only on the source's `go`. Every section
+is checksummed and verified before it is used; any failure before the start discards
+everything received (the machine is closed, never run)."""
+
+import contextlib
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, BinaryIO
+
+from kvmkit.errors import KvmkitError
+from kvmkit.faults import enter_phase
+from kvmkit.kvm import Kvm
+from kvmkit.machine.machine import Machine, config_from_description
+from kvmkit.memory import GuestMemory
+from kvmkit.migration.address import Address, listen, parse_address
+from kvmkit.migration.channel import Channel
+from kvmkit.migration.pages import ITER, PAGE, PageStats, receive_pages
+from kvmkit.snapshot.format import (
+    DEVICES,
+    END,
+    VCPU,
+    VM,
+    StreamFormatError,
+    StreamReader,
+    unpack_items,
+    unpack_json,
+)
+from kvmkit.snapshot.machine_state import SavedMachine, check_host, read_machine_description
+
+GO_TIMEOUT_S = 60.0
+PROGRESS_EVERY_S = 0.1
+
+
+class IncomingMigrationError(KvmkitError):
+    """The incoming migration failed; nothing was started here."""
+
+
+@dataclass
+class ReceiveReport:
+    source: str = ""
+    listened_on: str = ""
+    memory_bytes: int = 0
+    iterations: int = 0
+    bytes_received: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    receive_s: float = 0.0
+    go_to_running_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class _Populator:
+    """Allocates the runs the source announced, ahead of their data, on a helper thread
+    (GuestMemory.populate_file_range): receiving then writes into pages that exist."""
+
+    STEP = 8 << 20  # between looks at the stop flag
+
+    def __init__(self, memory: GuestMemory, runs: list[tuple[int, int]]) -> None:
+        self.memory = memory
+        self.runs = runs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvmkit-populate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for offset, length in self.runs:
+            for at in range(offset, offset + length, self.STEP):
+                if self._stop.is_set():
+                    return
+                self.memory.populate_file_range(at, min(self.STEP, offset + length - at))
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop populating; `wait=False` when the machine keeps its memory (the thread
+        ends within a step, and must not add to the downtime)."""
+        self._stop.set()
+        if wait:
+            self._thread.join()
+
+
+def _announced_runs(info: dict[str, Any], memory: GuestMemory) -> list[tuple[int, int]]:
+    runs = info.get("runs")
+    if not isinstance(runs, list):
+        return []
+    checked = []
+    for run in runs:
+        if (
+            isinstance(run, list)
+            and len(run) == 2
+            and all(isinstance(x, int) and x >= 0 for x in run)
+            and run[0] + run[1] <= memory.size_bytes
+        ):
+            checked.append((run[0], run[1]))
+    return checked
+
+
+class IncomingMigration:
+    """`IncomingMigration([addresses])`: listen at once (so a source can connect as
+    soon as this returns); `receive()` takes the first connection on any address and
+    returns a loaded machine that has not run; `commit()` waits for the source's go;
+    then run the machine, with `confirm_when_running()` telling the source it runs."""
+
+    def __init__(self, listen_at: str | Sequence[str]) -> None:
+        texts = [listen_at] if isinstance(listen_at, str) else list(listen_at)
+        if not texts:
+            raise IncomingMigrationError("give at least one address to listen on")
+        self.addresses: list[Address] = [parse_address(t) for t in texts]
+        self.listeners: list[socket.socket] = []
+        try:
+            for address in self.addresses:
+                self.listeners.append(listen(address))
+        except BaseException:
+            self.close()
+            raise
+        self.channel: Channel | None = None
+        self.machine: Machine | None = None
+        self.report = ReceiveReport()
+        self._last_event = 0.0
+        self._go_at = 0.0
+        self._aborted = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return ", ".join(str(a) for a in self.addresses)
+
+    def _accept(self, timeout_s: float | None) -> tuple[socket.socket, Address, str]:
+        with selectors.DefaultSelector() as selector:
+            for sock, address in zip(self.listeners, self.addresses, strict=True):
+                selector.register(sock, selectors.EVENT_READ, address)
+            ready = selector.select(timeout_s)
+        if not ready:
+            raise IncomingMigrationError(
+                f"no source connected to {self.address} within {timeout_s:g} s"
+            )
+        key, _ = ready[0]
+        conn, peer = key.fileobj.accept()  # type: ignore[union-attr]
+        source = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a unix socket peer"
+        return conn, key.data, source
+
+    def receive(
+        self,
+        *,
+        memory_backend: str | None = None,
+        console: str | None = None,
+        console_stream: BinaryIO | None = None,
+        accept_timeout_s: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Machine:
+        try:
+            sock, address, source = self._accept(accept_timeout_s)
+        finally:
+            self.close()  # one migration per listener: nobody else gets in
+        sock.settimeout(None)
+        enter_phase("migration.handshake")
+        self.channel = Channel(sock)
+        self.report.source, self.report.listened_on = source, str(address)
+        start = time.monotonic()
+        try:
+            self.machine = self._receive(memory_backend, console, console_stream, progress)
+        except (KvmkitError, OSError) as e:
+            self._refuse(str(e))
+            raise IncomingMigrationError(
+                f"incoming migration from {source} failed: {e}; nothing was started here"
+            ) from None
+        self.report.receive_s = time.monotonic() - start
+        self.report.bytes_received = self.channel.received
+        return self.machine
+
+    def _event(self, event: dict[str, Any], progress: ProgressFn | None, force: bool) -> None:
+        now = time.monotonic()
+        if progress is None or (not force and now - self._last_event < PROGRESS_EVERY_S):
+            return
+        self._last_event = now
+        assert self.channel is not None
+        progress(
+            {
+                "iteration": self.report.iterations,
+                "bytes_received": self.channel.received,
+                "pages": self.report.pages,
+                **event,
+            }
+        )
+
+    def _receive(
+        self,
+        memory_backend: str | None,
+        console: str | None,
+        console_stream: BinaryIO | None,
+        progress: ProgressFn | None,
+    ) -> Machine:
+        assert self.channel is not None
+        reader = StreamReader(self.channel, "the migration stream")
+        header = reader.read_header()
+        if header.get("kind") != "migration":
+            raise StreamFormatError(f"the stream is a {header.get('kind')!r}, not a migration")
+        description = read_machine_description(reader)
+        backend = memory_backend or str(description["backend"])
+        with Kvm() as kvm:
+            check_host(header, kvm, backend, "the incoming migration")
+        empty = SavedMachine(header, description, {}, [], {})
+        machine = Machine(
+            config_from_description(description, backend, console), console_stream, empty
+        )
+        try:
+            assert machine.memory is not None
+            self.report.memory_bytes = machine.memory.size_bytes
+            self.channel.send_message({"msg": "ready"})
+            enter_phase("migration.precopy")
+            self._event({"phase": "precopy"}, progress, force=True)
+            saved = self._read_stream(reader, machine.memory, header, description, progress)
+            machine.load_state(saved)
+            self.channel.send_message({"msg": "loaded"})
+            self._event({"phase": "loaded"}, progress, force=True)
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    def _read_stream(
+        self,
+        reader: StreamReader,
+        memory: GuestMemory,
+        header: dict[str, Any],
+        description: dict[str, Any],
+        progress: ProgressFn | None,
+    ) -> SavedMachine:
+        """Pages into `memory`, then the state, up to END; every section verified."""
+        report = self.report
+        stats = PageStats()
+        vm: dict[str, bytes] = {}
+        vcpus: list[dict[str, bytes]] = []
+        devices: dict[str, Any] = {}
+        phase = "precopy"
+        populator: _Populator | None = None
+        try:
+            while True:
+                head = reader.next_section()
+                if head.tag == PAGE and not head.flags:
+                    stats.add(receive_pages(reader.open_payload(head), memory))
+                    report.pages, report.zero_pages = stats.pages, stats.zero_pages
+                    self._event({"phase": phase}, progress, force=False)
+                    continue
+                payload = reader.read_payload(head)
+                if head.tag == PAGE:
+                    raise StreamFormatError(f"{head.label}: page sections are not compressed")
+                if head.tag == ITER:
+                    info = unpack_json(payload, "iteration section")
+                    if not isinstance(info, dict):
+                        raise StreamFormatError("an iteration section is not a JSON object")
+                    if info.get("phase") == "state" and phase != "state":
+                        enter_phase("migration.state")
+                    phase = str(info.get("phase", phase))
+                    report.iterations = max(report.iterations, int(info.get("iteration", 0)))
+                    if populator is None and (runs := _announced_runs(info, memory)):
+                        populator = _Populator(memory, runs)
+                    if info.get("sync"):  # everything before it is in: say so
+                        if populator is not None:
+                            populator.stop()  # the guest still runs on the source
+                        assert self.channel is not None
+                        self.channel.send_message({"msg": "synced"})
+                        continue
+                    self._event({"phase": phase}, progress, force=True)
+                elif head.tag == VM:
+                    vm = unpack_items(payload, "VM section")
+                elif head.tag == VCPU:
+                    vcpus.append(unpack_items(payload, f"vCPU {len(vcpus)} section"))
+                elif head.tag == DEVICES:
+                    devices = unpack_json(payload, "device section")
+                elif head.tag == END:
+                    break
+                else:
+                    raise StreamFormatError(f"unexpected {head.label} section in a migration")
+        except BaseException:
+            if populator is not None:
+                populator.stop()  # before the machine and its memory are closed
+            raise
+        if populator is not None:
+            populator.stop(wait=False)
+        if len(vcpus) != int(description["vcpus"]) or not vm:
+            raise StreamFormatError(
+                f"the stream ended with state for {len(vcpus)} of {description['vcpus']} vCPUs"
+            )
+        return SavedMachine(header, description, vm, vcpus, devices)
+
+    def _refuse(self, why: str) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(KvmkitError, OSError):
+                self.channel.send_message({"msg": "error", "error": why})
+            self.channel.close()
+
+    def commit(self) -> None:
+        """Wait for the source's go. On failure the machine is closed, never run."""
+        assert self.channel is not None and self.machine is not None
+        enter_phase("migration.commit")
+        try:
+            reply = self.channel.recv_message(GO_TIMEOUT_S)
+            if reply.get("msg") != "go":
+                raise StreamFormatError(f"the source sent {reply!r} where 'go' was due")
+        except KvmkitError as e:
+            self.machine.close()
+            self.channel.close()
+            raise IncomingMigrationError(
+                f"incoming migration was not committed: {e}; nothing was started here"
+            ) from None
+        self._go_at = time.monotonic()
+
+    def confirm_when_running(self) -> threading.Thread:
+        """A thread that tells the source `running` once the vCPUs have started."""
+        assert self.channel is not None and self.machine is not None
+        channel, machine = self.channel, self.machine
+
+        def confirm() -> None:
+            while not machine.running and not machine.stopping.is_set():
+                if self._aborted.wait(0.0002):
+                    return
+            self.report.go_to_running_ms = (time.monotonic() - self._go_at) * 1000
+            with contextlib.suppress(KvmkitError, OSError):
+                if machine.running:
+                    channel.send_message({"msg": "running"})
+                else:
+                    channel.send_message({"msg": "error", "error": "the machine did not start"})
+            channel.close()
+
+        t = threading.Thread(target=confirm, name="kvmkit-migrate-confirm", daemon=True)
+        t.start()
+        return t
+
+    def abort(self, why: str) -> None:
+        """After the go, the machine could not be started (and never will be): tell the
+        source, which may then carry on."""
+        self._aborted.set()
+        if self.channel is not None:
+            with contextlib.suppress(KvmkitError, OSError):
+                self.channel.send_message({"msg": "error", "error": why, "started": False})
+            self.channel.close()
+
+    def close(self) -> None:
+        """Stop listening (a stale unix socket file is removed)."""
+        for sock, address in zip(self.listeners, self.addresses, strict=False):
+            sock.close()
+            if address.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
+        self.listeners = []
