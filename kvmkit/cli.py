@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="give each vCPU a KVM dirty ring of SIZE bytes (a power of two; default 64K),"
-        " used instead of the dirty bitmap when the machine is migrated; see"
-        " benchmarks/dirty_tracking.py for which is faster",
+        " used instead of the dirty bitmap when the machine is migrated. The bitmap is"
+        " faster unless the guest is large and dirties few pages between passes"
+        " (benchmarks/dirty_tracking.py); on a PVM host a guest writing more than 64 pages"
+        " between exits overflows the ring, and kvmkit then resends all memory",
     )
     run.add_argument(
         "--api-socket",

@@ -181,10 +181,15 @@ def _source_line(event: dict[str, Any]) -> str:
 
 
 def _target_line(event: dict[str, Any]) -> str:
-    return (
+    text = (
         f"{approx_size(int(event.get('bytes_received', 0)))} received,"
         f" {event.get('pages', 0)} pages"
     )
+    if event.get("iteration_bytes"):
+        text += (
+            f", this pass {approx_size(event['done'])} of {approx_size(event['iteration_bytes'])}"
+        )
+    return text
 
 
 class _Progress:

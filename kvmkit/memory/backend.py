@@ -19,7 +19,7 @@ from kvmkit.errors import KvmkitError
 from kvmkit.kvm import KvmError, KvmUnsupportedError, Vm
 from kvmkit.kvm.vm import describe_gmem_flags
 from kvmkit.memory.hugepages import check_pool, shmem_thp_mode, size_label
-from kvmkit.memory.layout import PAGE_SIZE
+from kvmkit.memory.layout import PAGE_SIZE, RamRegion
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.memory import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -60,23 +60,16 @@ class Backend:
     logging_method = "slot flag"
 
     def set_logging(
-        self,
-        vm: Vm,
-        slot: int,
-        gpa: int,
-        size: int,
-        offset: int,
-        uaddr: int,
-        on: bool,
-        repair: bool = False,
+        self, vm: Vm, region: RamRegion, uaddr: int, on: bool, repair: bool = False
     ) -> None:
         """KVM_MEM_LOG_DIRTY_PAGES on or off for a bound slot: a flags change. `repair`:
         putting a slot back after a failed change (it may be missing)."""
         flags = KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        r = region
         if vm.check_extension(Cap.USER_MEMORY2):
-            vm.set_user_memory_region2(slot, gpa, size, uaddr, flags)
+            vm.set_user_memory_region2(r.slot, r.gpa, r.size, uaddr, flags)
         else:
-            vm.set_user_memory_region(slot, gpa, size, uaddr, flags)
+            vm.set_user_memory_region(r.slot, r.gpa, r.size, uaddr, flags)
 
     def after_map(self, addr: int, size: int) -> None:
         """Called once the VMM's main mapping exists, before anything touches it."""
@@ -112,29 +105,22 @@ class GuestMemfdBackend(Backend):
     logging_method = "plain slots over the guest_memfd mapping"
 
     def set_logging(
-        self,
-        vm: Vm,
-        slot: int,
-        gpa: int,
-        size: int,
-        offset: int,
-        uaddr: int,
-        on: bool,
-        repair: bool = False,
+        self, vm: Vm, region: RamRegion, uaddr: int, on: bool, repair: bool = False
     ) -> None:
         """KVM refuses KVM_MEM_LOG_DIRTY_PAGES on a guest_memfd slot (EINVAL on 6.18),
         so logging swaps the slot for a plain one over the VMM's mapping of the same
         guest_memfd pages (nothing is copied), and back. When repairing a half-done
         swap the slot may already be gone."""
+        r = region
         if repair:
             with contextlib.suppress(KvmError):
-                vm.delete_memory_region(slot)
+                vm.delete_memory_region(r.slot)
         else:
-            vm.delete_memory_region(slot)
+            vm.delete_memory_region(r.slot)
         if on:
-            vm.set_user_memory_region2(slot, gpa, size, uaddr, KVM_MEM_LOG_DIRTY_PAGES)
+            vm.set_user_memory_region2(r.slot, r.gpa, r.size, uaddr, KVM_MEM_LOG_DIRTY_PAGES)
         else:
-            self.bind(vm, slot, gpa, size, offset, uaddr)
+            self.bind(vm, r.slot, r.gpa, r.size, r.offset, uaddr)
 
 
 class MemfdBackend(Backend):

@@ -107,9 +107,7 @@ class GuestMemory:
 
     def _set_logging(self, region: RamRegion, on: bool, repair: bool = False) -> None:
         uaddr = self.host_address(region.gpa)
-        self.backend.set_logging(
-            self.vm, region.slot, region.gpa, region.size, region.offset, uaddr, on, repair
-        )
+        self.backend.set_logging(self.vm, region, uaddr, on, repair)
 
     def _unbind_all(self) -> None:
         if self.vm.fd >= 0:

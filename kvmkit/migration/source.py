@@ -127,6 +127,7 @@ class Throttle:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.fraction = 0.0  # `max_fraction` keeps what it took
 
 
 def _header(machine: "Machine", description: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from kvmkit.errors import KvmkitError
 from kvmkit.faults import enter_phase
 from kvmkit.kvm import Kvm
 from kvmkit.machine.machine import Machine, config_from_description
-from kvmkit.memory import GuestMemory
+from kvmkit.memory import PAGE_SIZE, GuestMemory
 from kvmkit.migration.address import Address, listen, parse_address
 from kvmkit.migration.channel import Channel
 from kvmkit.migration.pages import ITER, PAGE, PageStats, receive_pages
@@ -243,13 +243,17 @@ class IncomingMigration:
         devices: dict[str, Any] = {}
         phase = "precopy"
         populator: _Populator | None = None
+        pass_bytes = pass_done = 0  # the current pass: its size (as announced), received
         try:
             while True:
                 head = reader.next_section()
                 if head.tag == PAGE and not head.flags:
-                    stats.add(receive_pages(reader.open_payload(head), memory))
+                    got = receive_pages(reader.open_payload(head), memory)
+                    stats.add(got)
                     report.pages, report.zero_pages = stats.pages, stats.zero_pages
-                    self._event({"phase": phase}, progress, force=False)
+                    pass_done += got.pages * PAGE_SIZE
+                    event = {"phase": phase, "iteration_bytes": pass_bytes, "done": pass_done}
+                    self._event(event, progress, force=False)
                     continue
                 payload = reader.read_payload(head)
                 if head.tag == PAGE:
@@ -262,6 +266,8 @@ class IncomingMigration:
                         enter_phase("migration.state")
                     phase = str(info.get("phase", phase))
                     report.iterations = max(report.iterations, int(info.get("iteration", 0)))
+                    if "bytes" in info:
+                        pass_bytes, pass_done = int(info["bytes"]), 0
                     if populator is None and (runs := _announced_runs(info, memory)):
                         populator = _Populator(memory, runs)
                     if info.get("sync"):  # everything before it is in: say so

@@ -23,6 +23,18 @@ def test_a_guest_memfd_machine_runs_on_after_logging_is_turned_off():
         assert machine.memory.populated_bytes() > populated  # its writes land in the file
 
 
+@pytest.mark.parametrize("ring", [0, 64 << 10], ids=["bitmap", "ring"])
+def test_stopping_a_dirty_log_twice_is_harmless(ring):
+    with DirtyingGuest("memfd", 10, ring=ring) as d:
+        d.machine.pause()
+        d.log.stop()
+        d.log.stop()
+        d.machine.resume()
+        assert not d.log.active
+        if ring:  # the rings are left empty: the next logging period starts clean
+            assert d.machine.dirty_rings.collect() == []
+
+
 def test_an_overflowing_dirty_ring_is_detected_and_everything_resent():
     """On PVM, KVM's instruction emulator writes a batch of pages without taking the
     ring's soft-full exit, so a guest writing with no exit in between (the unpaced

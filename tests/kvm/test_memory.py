@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kvmkit import libc
-from kvmkit.errors import ConfigError
+from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.kvm import KvmUnsupportedError
 from kvmkit.machine import Machine, MachineConfig
 from kvmkit.machine.probes import guest_memfd_runs_unmapped
@@ -351,3 +351,32 @@ def test_zeroing_a_file_range_punches_whole_pages_and_writes_the_rest(vm, backen
         mem.zero_file_range(100, 5000)  # not page aligned: written
         view = mem.file_view(0, 8192)
         assert view[99] == 0x5A and bytes(view[100:5100]) == bytes(5000) and view[5100] == 0x5A
+
+
+def test_numa_on_memfd_needs_no_guest_memfd_caveat(vm):
+    with GuestMemory(vm, 8 * MIB, "memfd", numa=NumaPolicy("bind", (0,))) as mem:
+        assert "NUMA policy bind to node 0 (mbind before first touch)" in mem.notes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backend": "tmpfs"}, "unknown memory backend 'tmpfs'"),
+        ({"backend": "memfd", "no_direct_map": True}, "direct map needs guest_memfd"),
+    ],
+)
+def test_memory_from_python_refuses_impossible_requests(vm, kwargs, message):
+    with pytest.raises(KvmkitError, match=message):
+        GuestMemory(vm, 8 * MIB, **kwargs)
+
+
+def test_closing_memory_twice_is_harmless(vm):
+    mem = GuestMemory(vm, 8 * MIB, "memfd")
+    mem.close()
+    mem.close()
+    assert mem.backend.fd == -1 and mem.host_mapped_bytes == 0
+
+
+def test_a_hugepage_size_the_host_has_no_pool_for_is_named():
+    with pytest.raises(HugepagePoolError, match=r"no 16384 MiB hugetlb pages \(pools: hugepages-"):
+        read_pool(16 << 30)

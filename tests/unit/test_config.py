@@ -79,3 +79,9 @@ def test_defaults_for_files_and_builtins(tmp_path):
     assert MachineConfig(guest=str(image)).load_addr == 0x100000
     assert MachineConfig(guest=str(image), mode="real").load_addr == 0x1000
     assert MachineConfig(guest="hello16").cpu_mode == "real"
+
+
+def test_numbers_given_as_numbers_pass_through():
+    assert parse_size(4096) == 4096 and parse_int(7, "vCPU count") == 7
+    with pytest.raises(ConfigError, match="bandwidth '9x' is not a size"):
+        parse_size("9x", "bandwidth")

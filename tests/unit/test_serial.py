@@ -91,3 +91,24 @@ def test_no_console_discards_output():
     u.write(THR, 1, ord("a"))
     u.flush()
     assert u.transmitted == 1
+
+
+def test_fifo_control_clears_the_receiver_and_line_registers_read_back():
+    u, _ = uart()
+    u.write(MCR, 1, 0x0B)
+    assert u.read(MCR, 1) == 0x0B
+    u.feed(b"abc")
+    u.write(IIR, 1, 0x01)  # FCR: FIFO on, nothing cleared
+    assert u.read(LSR, 1) & LSR_DR
+    u.write(IIR, 1, 0x03)  # FCR: clear the receive FIFO
+    assert not u.read(LSR, 1) & LSR_DR and u.read(THR, 1) == 0
+    u.write(LSR, 1, 0x00)  # LSR and MSR are read-only: ignored
+    u.write(MSR, 1, 0x00)
+    assert u.read(LSR, 1) == LSR_THRE | LSR_TEMT and u.read(MSR, 1) == 0xB0
+
+
+def test_interrupt_changes_without_an_irq_line_are_harmless():
+    u = Serial16550(io.BytesIO())  # no irq wired (kvmkit's default machine polls)
+    u.write(IER, 1, IER_RDI)
+    u.feed(b"q")
+    assert u.read(IIR, 1) & 0x0F == IIR_RDI and u.read(THR, 1) == ord("q")

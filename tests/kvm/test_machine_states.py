@@ -1,0 +1,55 @@
+"""A machine's states as a controller sees them: built but not running, and a lazily
+restored machine that is snapshotted (or migrated) before the guest has touched all
+of its memory: the rest is loaded first, never waited for forever. Also the control
+half of the hide-mode probe: with its host mapping, the probe guest runs."""
+
+import threading
+import time
+
+import pytest
+
+from kvmkit.errors import KvmkitError
+from kvmkit.machine import Machine
+from kvmkit.machine.probes import gmem_probe
+
+from .snapshot_helpers import Running, assert_counter_output, counter_config
+
+
+def test_a_machine_that_was_never_run_is_created_and_cannot_pause(vm_factory):
+    machine = vm_factory("counter", memory="16M")
+    assert machine.status()["state"] == "created"
+    with pytest.raises(KvmkitError, match="not running, so it cannot be paused"):
+        machine.pause()
+
+
+def test_a_snapshot_of_a_lazy_restore_loads_the_rest_first(tmp_path):
+    """Without prefetch only what the guest touches is loaded; a snapshot then loads the
+    rest itself instead of waiting for the guest to touch every page."""
+    steps = 400
+    run = Running(counter_config(tmp_path / "a.txt", steps, backend="memfd"))
+    time.sleep(0.1)
+    run.machine.snapshot(tmp_path / "one.snap")
+    run.kill()
+    lazy = Machine.restore(
+        tmp_path / "one.snap", lazy=True, prefetch=False, console=str(tmp_path / "b.txt")
+    )
+    thread = threading.Thread(target=lazy.run, daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    report = lazy.snapshot(tmp_path / "two.snap")  # returns: before, it could hang here
+    assert report.file_bytes > 0 and lazy.lazy is not None and lazy.lazy.done.is_set()
+    lazy.stop(0, "snapshotted")
+    thread.join(10)
+    lazy.close()
+    with Machine.restore(tmp_path / "two.snap", console=str(tmp_path / "c.txt")) as again:
+        assert again.run().status == 0
+    text = "".join((tmp_path / n).read_text() for n in ("a.txt", "b.txt", "c.txt"))
+    assert_counter_output(text, 1, steps)
+
+
+def test_the_hide_probe_guest_runs_with_its_host_mapping():
+    """The probe that refuses --hide-guest-memory on this host must itself be sound: the
+    same guest, with the mapping kept, runs and reads its memory."""
+    result = gmem_probe(host_mapped=True)
+    assert result.ok, result.detail
+    assert result.detail == "the guest ran and read its memory"
