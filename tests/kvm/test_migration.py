@@ -15,7 +15,8 @@ from kvmkit.api.client import call
 from .migration_helpers import Source, Target, free_port, report, send, send_in_background
 from .snapshot_helpers import assert_counter_output
 
-STEPS = 1500
+STEPS = 2500  # about 2 s for one vCPU: the migration starts well before the end
+FAILURE_STEPS = 1200  # about 2.5 s for two: a failed migration is over long before
 
 
 def combined(source: Source, target: Target) -> str:
@@ -37,9 +38,9 @@ def test_running_counter_migrates_and_continues(tmp_path, backend, vcpus, transp
     listen = f"tcp:127.0.0.1:{free_port()}" if transport == "tcp" else f"unix:{tmp_path / 'm.sock'}"
     ring = ["--dirty-ring", "64K"] if tracking == "dirty ring" else []
     args = ["--vcpus", str(vcpus), "--memory-backend", backend, *ring]
+    target = Target(tmp_path, listen)  # first: the guest runs to its end in ~2 s
     source = Source(tmp_path, "counter", STEPS, *args)
-    target = Target(tmp_path, listen)
-    time.sleep(0.3)
+    time.sleep(0.2)
     r = report(send(source, listen))
     assert source.wait() == 0 and "migrated to" in source.output
     assert target.wait() == 0, target.output
@@ -73,9 +74,9 @@ def test_migration_between_two_network_namespaces(tmp_path):
             if p.returncode != 0:
                 pytest.skip(f"cannot build the namespaces ({' '.join(cmd)}: {p.stderr.strip()})")
         in_a, in_b = ["ip", "netns", "exec", a], ["ip", "netns", "exec", b]
-        source = Source(tmp_path, "counter", STEPS, "--vcpus", "2", prefix=in_a)
         target = Target(tmp_path, "tcp:10.199.0.2:4444", prefix=in_b)
-        time.sleep(0.3)
+        source = Source(tmp_path, "counter", STEPS, "--vcpus", "2", prefix=in_a)
+        time.sleep(0.2)
         r = report(send(source, "tcp:10.199.0.2:4444", prefix=in_a))
         assert source.wait() == 0 and target.wait() == 0, target.output
         assert r["target"] == "tcp:10.199.0.2:4444"
@@ -119,7 +120,9 @@ def test_a_guest_dirtying_memory_converges(tmp_path, share, auto):
     assert rounds == list(range(1000, 1000 * (len(rounds) + 1), 1000)), rounds
 
 
-# -- failures: each phase, the source keeps running with its memory intact -----------------
+# -- failures through the CLI: the source keeps running and its guest finishes exactly -----
+# (tests/faults/test_migration_faults.py fails every phase on both backends, and hashes
+# the source's memory)
 @pytest.mark.parametrize(
     ("rule", "phase"),
     [
@@ -127,13 +130,12 @@ def test_a_guest_dirtying_memory_converges(tmp_path, share, auto):
         ("migration.send:disconnect@nth=3,after=migration.precopy", "precopy"),
         ("migration.send:disconnect@once,after=migration.stop-and-copy", "stop-and-copy"),
         ("migration.send:corrupt@once,after=migration.state", "state"),
-        ("migration.recv:disconnect@once,after=migration.state", "state"),
     ],
 )
 def test_a_failure_in_each_phase_leaves_the_source_running(tmp_path, rule, phase):
     listen = f"tcp:127.0.0.1:{free_port()}"
-    source = Source(tmp_path, "counter", STEPS, "--vcpus", "2", "--fault", rule)
     target = Target(tmp_path, listen)
+    source = Source(tmp_path, "counter", FAILURE_STEPS, "--vcpus", "2", "--fault", rule)
     time.sleep(0.2)
     p = send(source, listen)
     assert p.returncode == 1
@@ -145,7 +147,7 @@ def test_a_failure_in_each_phase_leaves_the_source_running(tmp_path, rule, phase
     assert "nothing was started here" in target.output, target.output
     assert source.wait() == 0, source.output  # the guest finishes on the source
     assert "guest exited with status 0" in source.output
-    assert_counter_output(source.console.read_text(), 2, STEPS)
+    assert_counter_output(source.console.read_text(), 2, FAILURE_STEPS)
 
 
 def test_a_killed_target_leaves_the_source_running(tmp_path):
