@@ -12,6 +12,7 @@ from kvmkit.errors import ConfigError
 from kvmkit.machine.config import parse_size
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.layout import approx_size
+from kvmkit.migration.address import parse_address
 
 MIGRATE_EPILOG = """\
 examples:
@@ -115,8 +116,6 @@ def cmd_migrate(args: argparse.Namespace, run_machine: Callable[..., int]) -> in
 
 
 def _send(args: argparse.Namespace) -> int:
-    from kvmkit.migration.address import parse_address
-
     parse_address(args.to)  # a bad address is refused here, before the machine is asked
     bandwidth = parse_size(args.bandwidth, "bandwidth")
     if args.max_downtime_ms <= 0:

@@ -192,12 +192,7 @@ class GuestMemory:
         step = self.backend.page_size
         if offset % step == 0 and length % step == 0:
             try:
-                libc.fallocate(
-                    self.backend.fd,
-                    libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    length,
-                )
+                self._punch(offset, length)
                 return
             except OSError:
                 pass  # a backend that cannot punch: write the zeros instead
@@ -266,14 +261,18 @@ class GuestMemory:
         off = self._check_discard(gpa, size)
         try:
             faults.inject("memory.punch")
-            libc.fallocate(
-                self.backend.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, off, size
-            )
+            self._punch(off, size)
         except OSError as e:
             raise KvmkitError(
                 f"discard {gpa:#x}+{size:#x} failed: {e.strerror}; the guest's memory there"
                 " is unchanged"
             ) from None
+
+    def _punch(self, offset: int, length: int) -> None:
+        """Free the backend file's [offset, offset+length); it reads as zeros after."""
+        libc.fallocate(
+            self.backend.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length
+        )
 
     def prealloc(self) -> None:
         """Allocate every page of guest RAM now (fallocate), under the NUMA policy."""

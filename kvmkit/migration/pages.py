@@ -1,9 +1,9 @@
 """Guest pages on the migration stream.
 
-A PAGE section holds runs of 4 KiB pages of the guest RAM file: `u32 count`, then
+A PAGES section holds runs of 4 KiB pages of the guest RAM file: `u32 count`, then
 `count` records `u64 file offset, u32 pages, u32 kind` (0: the data follows, 1: zero
 pages, sent as a marker only), then the data of the data runs, in order. A section
-carries at most `SECTION_DATA_BYTES` of data. An ITER section (JSON) opens each
+carries at most `SECTION_DATA_BYTES` of data. An ITERATION section (JSON) opens each
 pre-copy iteration.
 """
 
@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.snapshot.format import (
-    ITERATION,
     PAGES,
     PayloadCursor,
     StreamFormatError,
     StreamWriter,
 )
 
-PAGE, ITER = PAGES, ITERATION
 DATA, ZERO = 0, 1
 SECTION_DATA_BYTES = 4 << 20
 _COUNT = struct.Struct("<I")
@@ -98,7 +96,7 @@ def send_pages(
         nonlocal used
         if records:
             head = _COUNT.pack(len(records)) + b"".join(records)
-            writer.write_section(PAGE, [memoryview(head), *data])
+            writer.write_section(PAGES, [memoryview(head), *data])
         records.clear()
         data.clear()
         used = 0

@@ -35,18 +35,19 @@ from kvmkit.memory.dirty_log import DirtyLog, Run, merge_runs, run_bytes
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.migration.address import Address, connect, parse_address
 from kvmkit.migration.channel import Channel
-from kvmkit.migration.pages import ITER, PageStats, send_pages
-from kvmkit.snapshot.format import MACHINE, StreamWriter, pack_json
-from kvmkit.snapshot.machine_state import ITEM_CAPS, capture_state, header_for, write_state
-from kvmkit.uapi.caps import Cap
+from kvmkit.migration.pages import PageStats, send_pages
+from kvmkit.snapshot.format import ITERATION, MACHINE, StreamWriter, pack_json
+from kvmkit.snapshot.machine_state import (
+    capture_state,
+    header_for,
+    items_to_capture,
+    write_state,
+)
 
 if TYPE_CHECKING:
     from kvmkit.machine.machine import Machine
 
 REPLY_TIMEOUT_S = 60.0
-VCPU_ITEMS = ("xsave", "xcrs", "events", "mp_state", "debugregs")
-VM_ITEMS = ("clock",)
-IRQCHIP_ITEMS = ("lapic", "pic_master", "pit2")
 DEFAULT_BANDWIDTH_BPS = 1 << 30  # the estimate before a pass has measured the link
 PROGRESS_EVERY_S = 0.1
 ANNOUNCED_RUNS = 4096  # the first pass tells the target its runs, up to this many
@@ -130,18 +131,6 @@ class Throttle:
         self.fraction = 0.0  # `max_fraction` keeps what it took
 
 
-def _header(machine: "Machine", description: dict[str, Any]) -> dict[str, Any]:
-    """The stream header: the capabilities the state will need, as a snapshot's."""
-    kvm = machine.kvm
-    assert kvm is not None
-
-    def present(items: tuple[str, ...]) -> dict[str, bytes]:
-        return {i: b"" for i in items if kvm.check_extension(Cap[ITEM_CAPS[i]])}
-
-    vcpu_items = present(VCPU_ITEMS + (IRQCHIP_ITEMS if description["irqchip"] else ()))
-    return header_for(machine, "migration", description, present(VM_ITEMS), [vcpu_items])
-
-
 def migrate(
     machine: "Machine",
     to: str,
@@ -221,7 +210,8 @@ class _SourceMigration:
             self.channel = Channel(connect(self.address), self.bandwidth_limit)
             self.writer = StreamWriter(self.channel)
             description = self.machine.state_description()
-            self.writer.write_header(_header(self.machine, description))
+            items = items_to_capture(self.machine, description)
+            self.writer.write_header(header_for(self.machine, "migration", description, items))
             self.writer.write_section(MACHINE, [pack_json(description)])
             self._expect("ready")
 
@@ -229,7 +219,7 @@ class _SourceMigration:
             left = self._precopy()
             # Let the target drain what is still in the sockets' buffers while the guest
             # runs, so the pause covers only the last pages and the state.
-            self.writer.write_section(ITER, [pack_json({"sync": True})])
+            self.writer.write_section(ITERATION, [pack_json({"sync": True})])
             self._expect("synced")
 
             self._enter("migration.stop-and-copy")
@@ -244,7 +234,7 @@ class _SourceMigration:
             self._send_iteration(runs, live=False, final=True)
 
             self._enter("migration.state")
-            self.writer.write_section(ITER, [pack_json({"phase": "state"})])
+            self.writer.write_section(ITERATION, [pack_json({"phase": "state"})])
             write_state(self.writer, capture_state(self.machine))
             self.writer.end()
             self._event({"phase": "state"}, force=True)
@@ -338,7 +328,7 @@ class _SourceMigration:
         info: dict[str, Any] = {"iteration": report.iterations, "bytes": total}
         if report.iterations == 0 and not final and len(runs) <= ANNOUNCED_RUNS:
             info["runs"] = runs  # the target can allocate these while they come
-        self.writer.write_section(ITER, [pack_json(info)])
+        self.writer.write_section(ITERATION, [pack_json(info)])
         base = self._sent()
 
         def sending(done: int) -> None:

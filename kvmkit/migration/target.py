@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from kvmkit.errors import KvmkitError
@@ -21,18 +21,22 @@ from kvmkit.machine.machine import Machine, config_from_description
 from kvmkit.memory import PAGE_SIZE, GuestMemory
 from kvmkit.migration.address import Address, listen, parse_address
 from kvmkit.migration.channel import Channel
-from kvmkit.migration.pages import ITER, PAGE, PageStats, receive_pages
+from kvmkit.migration.pages import PageStats, receive_pages
 from kvmkit.snapshot.format import (
-    DEVICES,
     END,
-    VCPU,
-    VM,
+    ITERATION,
+    PAGES,
     StreamFormatError,
     StreamReader,
-    unpack_items,
     unpack_json,
 )
-from kvmkit.snapshot.machine_state import SavedMachine, check_host, read_machine_description
+from kvmkit.snapshot.machine_state import (
+    SavedMachine,
+    check_host,
+    expect_section,
+    read_machine_description,
+    read_state,
+)
 
 GO_TIMEOUT_S = 60.0
 PROGRESS_EVERY_S = 0.1
@@ -46,16 +50,11 @@ class IncomingMigrationError(KvmkitError):
 class ReceiveReport:
     source: str = ""
     listened_on: str = ""
-    memory_bytes: int = 0
     iterations: int = 0
     bytes_received: int = 0
     pages: int = 0
     zero_pages: int = 0
     receive_s: float = 0.0
-    go_to_running_ms: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -127,7 +126,6 @@ class IncomingMigration:
         self.machine: Machine | None = None
         self.report = ReceiveReport()
         self._last_event = 0.0
-        self._go_at = 0.0
         self._aborted = threading.Event()
 
     @property
@@ -214,7 +212,6 @@ class IncomingMigration:
         )
         try:
             assert machine.memory is not None
-            self.report.memory_bytes = machine.memory.size_bytes
             self.channel.send_message({"msg": "ready"})
             enter_phase("migration.precopy")
             self._event({"phase": "precopy"}, progress, force=True)
@@ -238,16 +235,13 @@ class IncomingMigration:
         """Pages into `memory`, then the state, up to END; every section verified."""
         report = self.report
         stats = PageStats()
-        vm: dict[str, bytes] = {}
-        vcpus: list[dict[str, bytes]] = []
-        devices: dict[str, Any] = {}
         phase = "precopy"
         populator: _Populator | None = None
         pass_bytes = pass_done = 0  # the current pass: its size (as announced), received
         try:
-            while True:
+            while phase != "state":  # pages and markers, up to the state's marker
                 head = reader.next_section()
-                if head.tag == PAGE and not head.flags:
+                if head.tag == PAGES and not head.flags:
                     got = receive_pages(reader.open_payload(head), memory)
                     stats.add(got)
                     report.pages, report.zero_pages = stats.pages, stats.zero_pages
@@ -255,48 +249,35 @@ class IncomingMigration:
                     event = {"phase": phase, "iteration_bytes": pass_bytes, "done": pass_done}
                     self._event(event, progress, force=False)
                     continue
-                payload = reader.read_payload(head)
-                if head.tag == PAGE:
-                    raise StreamFormatError(f"{head.label}: page sections are not compressed")
-                if head.tag == ITER:
-                    info = unpack_json(payload, "iteration section")
-                    if not isinstance(info, dict):
-                        raise StreamFormatError("an iteration section is not a JSON object")
-                    if info.get("phase") == "state" and phase != "state":
-                        enter_phase("migration.state")
-                    phase = str(info.get("phase", phase))
-                    report.iterations = max(report.iterations, int(info.get("iteration", 0)))
-                    if "bytes" in info:
-                        pass_bytes, pass_done = int(info["bytes"]), 0
-                    if populator is None and (runs := _announced_runs(info, memory)):
-                        populator = _Populator(memory, runs)
-                    if info.get("sync"):  # everything before it is in: say so
-                        if populator is not None:
-                            populator.stop()  # the guest still runs on the source
-                        assert self.channel is not None
-                        self.channel.send_message({"msg": "synced"})
-                        continue
-                    self._event({"phase": phase}, progress, force=True)
-                elif head.tag == VM:
-                    vm = unpack_items(payload, "VM section")
-                elif head.tag == VCPU:
-                    vcpus.append(unpack_items(payload, f"vCPU {len(vcpus)} section"))
-                elif head.tag == DEVICES:
-                    devices = unpack_json(payload, "device section")
-                elif head.tag == END:
-                    break
-                else:
-                    raise StreamFormatError(f"unexpected {head.label} section in a migration")
+                if head.tag != ITERATION:
+                    raise StreamFormatError(
+                        f"{head.label}: a pre-copy stream has pages and iteration markers here"
+                    )
+                info = unpack_json(reader.read_payload(head), "iteration section")
+                if not isinstance(info, dict):
+                    raise StreamFormatError("an iteration section is not a JSON object")
+                phase = str(info.get("phase", phase))
+                report.iterations = max(report.iterations, int(info.get("iteration", 0)))
+                if "bytes" in info:
+                    pass_bytes, pass_done = int(info["bytes"]), 0
+                if populator is None and (runs := _announced_runs(info, memory)):
+                    populator = _Populator(memory, runs)
+                if info.get("sync"):  # everything before it is in: say so
+                    if populator is not None:
+                        populator.stop()  # the guest still runs on the source
+                    assert self.channel is not None
+                    self.channel.send_message({"msg": "synced"})
+                    continue
+                self._event({"phase": phase}, progress, force=True)
+            enter_phase("migration.state")
+            vm, vcpus, devices = read_state(reader, int(description["vcpus"]))
+            expect_section(reader, END, "end marker")
         except BaseException:
             if populator is not None:
                 populator.stop()  # before the machine and its memory are closed
             raise
         if populator is not None:
             populator.stop(wait=False)
-        if len(vcpus) != int(description["vcpus"]) or not vm:
-            raise StreamFormatError(
-                f"the stream ended with state for {len(vcpus)} of {description['vcpus']} vCPUs"
-            )
         return SavedMachine(header, description, vm, vcpus, devices)
 
     def _refuse(self, why: str) -> None:
@@ -319,7 +300,6 @@ class IncomingMigration:
             raise IncomingMigrationError(
                 f"incoming migration was not committed: {e}; nothing was started here"
             ) from None
-        self._go_at = time.monotonic()
 
     def confirm_when_running(self) -> threading.Thread:
         """A thread that tells the source `running` once the vCPUs have started."""
@@ -330,7 +310,6 @@ class IncomingMigration:
             while not machine.running and not machine.stopping.is_set():
                 if self._aborted.wait(0.0002):
                     return
-            self.report.go_to_running_ms = (time.monotonic() - self._go_at) * 1000
             with contextlib.suppress(KvmkitError, OSError):
                 if machine.running:
                     channel.send_message({"msg": "running"})

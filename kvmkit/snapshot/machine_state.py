@@ -8,7 +8,7 @@ index and memory chunks, then END.
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +53,7 @@ ITEM_CAPS = {
     "pit2": "PIT_STATE2",
 }
 GMEM_CAPS = ("USER_MEMORY2", "GUEST_MEMFD", "GUEST_MEMFD_FLAGS")
+IRQCHIP_ITEMS = ("lapic", *cpu_state.IRQCHIPS)  # captured with the in-kernel irqchip
 
 
 class Capturable(Protocol):
@@ -93,14 +94,11 @@ ProgressFn = Callable[[int, int], None]
 
 # -- writing ----------------------------------------------------------------------------
 def header_for(
-    machine: Capturable,
-    kind: str,
-    description: dict[str, Any],
-    vm_state: dict[str, bytes],
-    vcpus: list[dict[str, bytes]],
+    machine: Capturable, kind: str, description: dict[str, Any], items: Iterable[str]
 ) -> dict[str, Any]:
+    """The stream header; `items` are the names of the state items the stream holds,
+    whose capabilities a restoring host must have."""
     assert machine.kvm is not None and machine.memory is not None
-    items = set(vm_state) | {name for v in vcpus for name in v}
     caps = {ITEM_CAPS[i] for i in items if i in ITEM_CAPS}
     if machine.memory.backend_name == "guest_memfd":
         caps.update(GMEM_CAPS)
@@ -124,6 +122,25 @@ class CapturedState:
     vm: dict[str, bytes]
     vcpus: list[dict[str, bytes]]
     devices: dict[str, Any]
+
+    @property
+    def items(self) -> set[str]:
+        return set(self.vm) | {name for v in self.vcpus for name in v}
+
+
+def items_to_capture(machine: Capturable, description: dict[str, Any]) -> set[str]:
+    """The state items that need a capability (ITEM_CAPS) which `capture_state` will
+    hold for this machine, known while the guest still runs (a migration writes its
+    header then): what the host's capabilities offer (see cpu_state.capture_vcpu and
+    capture_vm), and the irqchip's and the PIT's where the machine has them."""
+    assert machine.vm is not None
+    on_cap = set(ITEM_CAPS) - set(IRQCHIP_ITEMS) - {"pit2"}
+    items = {i for i in on_cap if machine.vm.check_extension(Cap[ITEM_CAPS[i]])}
+    if description["irqchip"]:
+        items.update(IRQCHIP_ITEMS)
+    if description["pit"]:
+        items.add("pit2")
+    return items
 
 
 def capture_state(machine: Capturable) -> CapturedState:
@@ -161,7 +178,7 @@ def write_machine(
     extents, method = machine.memory.populated_extents()
     chunks = chunked(extents)
 
-    writer.write_header(header_for(machine, kind, state.description, state.vm, state.vcpus))
+    writer.write_header(header_for(machine, kind, state.description, state.items))
     writer.write_section(MACHINE, [pack_json(state.description)])
     write_state(writer, state)
     writer.write_section(MEMORY, [pack_index(chunks)])
@@ -177,7 +194,7 @@ def write_machine(
 
 
 # -- reading ----------------------------------------------------------------------------
-def _expect(reader: StreamReader, tag: bytes, what: str) -> memoryview:
+def expect_section(reader: StreamReader, tag: bytes, what: str) -> memoryview:
     head = reader.next_section()
     if head.tag != tag:
         raise StreamFormatError(f"{reader.what}: {head.label}: expected the {what} section here")
@@ -185,7 +202,7 @@ def _expect(reader: StreamReader, tag: bytes, what: str) -> memoryview:
 
 
 def read_machine_description(reader: StreamReader) -> dict[str, Any]:
-    machine = unpack_json(_expect(reader, MACHINE, "machine description"), "machine section")
+    machine = unpack_json(expect_section(reader, MACHINE, "machine description"), "machine section")
     if not isinstance(machine, dict) or "vcpus" not in machine or "memory_bytes" not in machine:
         raise StreamFormatError(f"{reader.what}: the machine section lacks vcpus/memory_bytes")
     return machine
@@ -195,11 +212,13 @@ def read_state(
     reader: StreamReader, nr_vcpus: int
 ) -> tuple[dict[str, bytes], list[dict[str, bytes]], dict[str, Any]]:
     """The VM, VCPU and DEVICES sections, verified."""
-    vm = unpack_items(_expect(reader, VM, "VM state"), "VM section")
+    vm = unpack_items(expect_section(reader, VM, "VM state"), "VM section")
     vcpus = []
     for i in range(nr_vcpus):
-        vcpus.append(unpack_items(_expect(reader, VCPU, f"vCPU {i} state"), f"vCPU {i} section"))
-    devices = unpack_json(_expect(reader, DEVICES, "device state"), "device section")
+        vcpus.append(
+            unpack_items(expect_section(reader, VCPU, f"vCPU {i} state"), f"vCPU {i} section")
+        )
+    devices = unpack_json(expect_section(reader, DEVICES, "device state"), "device section")
     return vm, vcpus, devices
 
 
@@ -209,7 +228,7 @@ def read_machine(reader: StreamReader) -> SavedMachine:
     machine = read_machine_description(reader)
     vm, vcpus, devices = read_state(reader, int(machine["vcpus"]))
     index = unpack_index(
-        _expect(reader, MEMORY, "memory index"), int(machine["memory_bytes"]), "memory index"
+        expect_section(reader, MEMORY, "memory index"), int(machine["memory_bytes"]), "memory index"
     )
     return SavedMachine(header, machine, vm, vcpus, devices, index)
 

@@ -7,8 +7,6 @@ writes memory; the target is a `kvmkit migrate receive` process."""
 import errno
 import hashlib
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,32 +18,15 @@ from kvmkit.machine import Machine, MachineConfig
 from kvmkit.memory.layout import MIB
 from kvmkit.migration import MigrationError, migrate
 from tests.kvm.conftest import write_guest
+from tests.kvm.migration_helpers import Target
 
 MEMORY = 32 * MIB
 FILLED = 8 * MIB  # written by the host before the guest starts
 
 
-class Receiver:
-    """`kvmkit migrate receive` in its own process."""
-
-    def __init__(self, tmp_path, *extra: str) -> None:
-        self.address = f"unix:{tmp_path / 'incoming.sock'}"
-        self.log = tmp_path / "target.err"
-        with open(self.log, "w") as err:
-            self.p = subprocess.Popen(
-                [sys.executable, "-m", "kvmkit", "migrate", "receive", "--listen", self.address]
-                + ["--console", "none", "--timeout", "60", *extra],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        end = time.monotonic() + 30
-        while "waiting for a migration" not in self.log.read_text():
-            assert self.p.poll() is None and time.monotonic() < end, self.log.read_text()
-            time.sleep(0.01)
-
-    def finish(self) -> tuple[int, str]:
-        code = self.p.wait(60)
-        return code, self.log.read_text()
+def receiver(tmp_path, *extra: str) -> Target:
+    """`kvmkit migrate receive` in its own process, on a unix socket in `tmp_path`."""
+    return Target(tmp_path, f"unix:{tmp_path / 'incoming.sock'}", "--timeout", "60", *extra)
 
 
 @pytest.fixture
@@ -98,14 +79,14 @@ PHASE_FAULTS = [
 @pytest.mark.parametrize(("rule", "phase"), PHASE_FAULTS)
 def test_a_failure_in_any_phase_leaves_the_source_intact(tmp_path, source, rule, phase):
     before = memory_hash(source)
-    target = Receiver(tmp_path)
+    target = receiver(tmp_path)
     with active_plan(load_plan([rule])) as plan:
         with pytest.raises(MigrationError) as e:
-            migrate(source, target.address)
+            migrate(source, target.listen)
     assert plan.injected, "the fault never fired"
     assert f"failed during {phase}" in str(e.value) and "running, unchanged" in str(e.value)
     assert_source_intact(source, before)
-    code, err = target.finish()
+    code, err = target.wait(60), target.output
     assert code == 1 and "nothing was started here" in err, err
     assert "Traceback" not in err
 
@@ -113,12 +94,12 @@ def test_a_failure_in_any_phase_leaves_the_source_intact(tmp_path, source, rule,
 def test_a_paused_source_stays_paused_and_unchanged(tmp_path, source):
     source.pause()
     before = memory_hash(source)
-    target = Receiver(tmp_path)
+    target = receiver(tmp_path)
     with active_plan(load_plan(["migration.send:disconnect@once,after=migration.state"])):
         with pytest.raises(MigrationError, match="this VM is paused, unchanged"):
-            migrate(source, target.address)
+            migrate(source, target.listen)
     assert_source_intact(source, before, "paused")
-    assert target.finish()[0] == 1
+    assert target.wait(60) == 1
 
 
 def test_a_target_that_refuses_leaves_the_source_running(tmp_path, source):
@@ -128,29 +109,29 @@ def test_a_target_that_refuses_leaves_the_source_running(tmp_path, source):
     with open("/proc/sys/vm/nr_hugepages") as f:
         if int(f.read()) * 2 * MIB >= MEMORY:
             pytest.skip("this host has a hugetlb pool big enough for the machine")
-    target = Receiver(tmp_path, "--memory-backend", "hugetlb")
+    target = receiver(tmp_path, "--memory-backend", "hugetlb")
     with pytest.raises(MigrationError, match="the target refused: .*hugetlb"):
-        migrate(source, target.address)
+        migrate(source, target.listen)
     assert_source_intact(source, before)
-    code, err = target.finish()
+    code, err = target.wait(60), target.output
     assert code == 1 and "hugetlb" in err, err
 
 
 def test_a_killed_target_leaves_the_source_running(tmp_path, source):
     before = memory_hash(source)
-    target = Receiver(tmp_path)
+    target = receiver(tmp_path)
     result: list[BaseException] = []
 
     def send() -> None:
         try:
-            migrate(source, target.address, bandwidth_bps=2 * MIB)  # 8 MiB: about 4 s
+            migrate(source, target.listen, bandwidth_bps=2 * MIB)  # 8 MiB: about 4 s
         except BaseException as e:
             result.append(e)
 
     sender = threading.Thread(target=send)
     sender.start()
     time.sleep(1.0)
-    target.p.kill()
+    target.kill()
     sender.join(60)
     assert len(result) == 1 and isinstance(result[0], MigrationError), result
     assert "failed during precopy" in str(result[0]), result[0]
@@ -162,10 +143,10 @@ def test_refused_dirty_logging_falls_back_to_stop_and_copy(tmp_path, source):
     """Where KVM refuses dirty logging, the machine still migrates, stop-and-copy, and
     the report says so."""
     before = memory_hash(source)
-    target = Receiver(tmp_path, "--api-socket", str(tmp_path / "target.api"))
+    target = receiver(tmp_path, "--api-socket", str(tmp_path / "target.api"))
     ioctl = "KVM_SET_USER_MEMORY_REGION2"
     with active_plan(load_plan([f"ioctl:{ioctl}:EINVAL@once,after=migration.precopy"])):
-        report = migrate(source, target.address)
+        report = migrate(source, target.listen)
     assert not report.precopy and report.iterations == 0, report
     assert any("KVM refused dirty logging" in note for note in report.notes), report.notes
     assert report.pages_sent * 4096 >= FILLED
@@ -173,20 +154,20 @@ def test_refused_dirty_logging_falls_back_to_stop_and_copy(tmp_path, source):
     from kvmkit.api.client import call
 
     call(str(tmp_path / "target.api"), "stop")
-    assert target.finish()[0] == 0
+    assert target.wait(60) == 0
 
 
 def test_a_target_failing_to_load_the_state_leaves_the_source_running(tmp_path, source):
     """A KVM ioctl fails on the target while it loads the vCPU state: it refuses, and
     the source, not yet committed, carries on."""
     before = memory_hash(source)
-    target = Receiver(tmp_path, "--fault", "ioctl:KVM_SET_REGS:EINVAL@once")
+    target = receiver(tmp_path, "--fault", "ioctl:KVM_SET_REGS:EINVAL@once")
     with pytest.raises(MigrationError) as e:
-        migrate(source, target.address)
+        migrate(source, target.listen)
     assert "failed during state: the target refused" in str(e.value), e.value
     assert "KVM_SET_REGS" in str(e.value) and "running, unchanged" in str(e.value)
     assert_source_intact(source, before)
-    code, err = target.finish()
+    code, err = target.wait(60), target.output
     assert code == 1 and "nothing was started here" in err, err
 
 
@@ -197,19 +178,19 @@ def test_a_target_that_cannot_start_after_the_go_lets_the_source_resume(tmp_path
 
     api = tmp_path / "target.api"
     before = memory_hash(source)
-    target = Receiver(tmp_path, "--api-socket", str(api))
+    target = receiver(tmp_path, "--api-socket", str(api))
     squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     squatter.bind(str(api))
     squatter.listen(1)
     try:
         with pytest.raises(MigrationError) as e:
-            migrate(source, target.address)
+            migrate(source, target.listen)
     finally:
         squatter.close()
     assert "failed during commit" in str(e.value), e.value
     assert "could not start" in str(e.value) and "running, unchanged" in str(e.value)
     assert_source_intact(source, before)
-    code, err = target.finish()
+    code, err = target.wait(60), target.output
     assert code != 0 and "another process is listening" in err, err
 
 
@@ -217,10 +198,10 @@ def test_a_bit_flipped_on_the_way_in_is_caught_by_the_target(tmp_path, source):
     """The target's own receive path damages a byte (after the handshake): its checksum
     check refuses the stream; the source, not yet committed, carries on."""
     before = memory_hash(source)
-    target = Receiver(tmp_path, "--fault", "migration.recv:corrupt@nth=5,after=migration.precopy")
+    target = receiver(tmp_path, "--fault", "migration.recv:corrupt@nth=5,after=migration.precopy")
     with pytest.raises(MigrationError) as e:
-        migrate(source, target.address)
+        migrate(source, target.listen)
     assert "running, unchanged" in str(e.value), e.value
     assert_source_intact(source, before)
-    code, err = target.finish()
+    code, err = target.wait(60), target.output
     assert code == 1 and "checksum mismatch" in err and "nothing was started here" in err, err

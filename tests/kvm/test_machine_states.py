@@ -53,3 +53,22 @@ def test_the_hide_probe_guest_runs_with_its_host_mapping():
     result = gmem_probe(host_mapped=True)
     assert result.ok, result.detail
     assert result.detail == "the guest ran and read its memory"
+
+
+@pytest.mark.parametrize("irqchip", [False, True])
+def test_the_state_a_migration_announces_is_the_state_it_captures(irqchip):
+    """A migration's header names its capabilities before the capture: the items it
+    predicts must be the capture's own."""
+    from kvmkit.machine import MachineConfig
+    from kvmkit.snapshot.machine_state import ITEM_CAPS, capture_state, items_to_capture
+
+    config = MachineConfig(guest="counter", memory_bytes=16 << 20, console="none", irqchip=irqchip)
+    run = Running(config)
+    try:
+        predicted = items_to_capture(run.machine, run.machine.state_description())
+        run.machine.pause()
+        captured = capture_state(run.machine).items & set(ITEM_CAPS)
+        run.machine.resume()
+    finally:
+        run.kill()
+    assert predicted == captured

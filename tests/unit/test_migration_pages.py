@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmkit.migration.pages import PAGE, receive_pages, send_pages
-from kvmkit.snapshot.format import StreamFormatError, StreamReader, StreamWriter
+from kvmkit.migration.pages import receive_pages, send_pages
+from kvmkit.snapshot.format import PAGES, StreamFormatError, StreamReader, StreamWriter
 
 PAGE_SIZE = 4096
 
@@ -43,7 +43,7 @@ def receive_all(data: bytes, ram: Ram) -> int:
     pages = 0
     while True:
         head = reader.next_section()
-        if head.tag != PAGE:
+        if head.tag != PAGES:
             reader.read_payload(head)
             return pages
         pages += receive_pages(reader.open_payload(head), ram).pages  # type: ignore[arg-type]
