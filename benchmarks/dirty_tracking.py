@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from kvmkit.machine import Machine, MachineConfig  # noqa: E402
+from kvmkit.machine import MachineConfig, build_for_boot  # noqa: E402
 from kvmkit.memory.dirty_log import DirtyLog, run_bytes  # noqa: E402
 from kvmkit.memory.layout import GIB, MIB, PAGE_SIZE  # noqa: E402
 
@@ -39,7 +39,7 @@ def one(memory: int, pages: int, ring: bool) -> tuple[float, float, float, int]:
         console="none",
         dirty_ring_bytes=RING_BYTES if ring else 0,
     )
-    with Machine(config) as machine:
+    with build_for_boot(config) as machine:
         assert machine.memory is not None and machine.vm is not None
         log = DirtyLog(machine.memory, machine.dirty_rings)
         log.start()

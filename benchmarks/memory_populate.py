@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from kvmkit.kvm import Kvm  # noqa: E402
-from kvmkit.machine import Machine, MachineConfig  # noqa: E402
+from kvmkit.machine import MachineConfig, build_for_boot  # noqa: E402
 from kvmkit.memory import GuestMemory, choose_backend, ram_regions  # noqa: E402
 from kvmkit.memory.exposure import HostMappings  # noqa: E402
 from kvmkit.memory.hugepages import SHMEM_THP, HugepagePoolError, read_pool  # noqa: E402
@@ -81,7 +81,7 @@ def first_touch_s(backend: str, size: int) -> float:
     config = MachineConfig(
         guest="touch", vcpus=2, memory_bytes=size, memory_backend=backend, console="none"
     )
-    with Machine(config) as m:
+    with build_for_boot(config) as m:
         result = m.run()
     if result.status != 0:
         sys.exit(f"{backend}: the touch guest failed: {result.reason}")

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from kvmkit.api.client import call  # noqa: E402
-from kvmkit.machine import Machine, MachineConfig  # noqa: E402
+from kvmkit.machine import Machine, MachineConfig, build_for_boot  # noqa: E402
 from kvmkit.migration import migrate  # noqa: E402
 from kvmkit.testing.harness import build_asm  # noqa: E402
 
@@ -172,7 +172,7 @@ def idle(tmp: Path, backend: str, kind: str, touched: int, rounds: int) -> None:
             irqchip=True,
             console="none",
         )
-        machine = Machine(config)
+        machine = build_for_boot(config)
         fill(machine, touched)
         thread = start(machine)
         target = Target(tmp, kind)
@@ -217,7 +217,7 @@ def dirtier(tmp: Path, link: int, shares: list[int]) -> None:
                 memory_bytes=512 * MIB,
                 console="none",
             )
-            machine = Machine(config)
+            machine = build_for_boot(config)
             fill(machine, 256 * MIB, at=2 * MIB)  # the working set, touched up front
             thread = start(machine)
             time.sleep(0.5)

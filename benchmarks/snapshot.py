@@ -31,7 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from kvmkit.machine import Machine, MachineConfig  # noqa: E402
+from kvmkit.control.snapshots import restore_snapshot, take_snapshot  # noqa: E402
+from kvmkit.machine import Machine, MachineConfig, build_for_boot  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -70,7 +71,7 @@ def paused_counter(memory_bytes: int, backend: str, touched: int) -> Machine:
         memory_backend=backend,
         console="none",
     )
-    machine = Machine(config)
+    machine = build_for_boot(config)
     start_thread(machine)
     while not machine.running:
         time.sleep(0.001)
@@ -155,14 +156,14 @@ def throughput(directory: Path, touched: int, backend: str, rounds: int) -> None
             settle(snap if turn == 0 else ref)
             if turn == 0:
                 start = time.perf_counter()
-                report = machine.snapshot(snap)
+                report = take_snapshot(machine, snap)
                 saves.append(time.perf_counter() - start)
             else:
                 ref_w.append(reference_write(ref, nbytes))
         stop(machine)
         drop_caches()
         start = time.perf_counter()
-        Machine.restore(snap, console="none").close()
+        restore_snapshot(snap, console="none").close()
         restores.append(time.perf_counter() - start)
         drop_caches()
         ref_r.append(reference_read(ref, nbytes))
@@ -192,11 +193,11 @@ def scaling(directory: Path, backend: str, rounds: int) -> None:
         for _ in range(rounds):
             machine = paused_counter(size, backend, touched)
             start = time.perf_counter()
-            machine.snapshot(snap)
+            take_snapshot(machine, snap)
             saves.append(time.perf_counter() - start)
             stop(machine)
             start = time.perf_counter()
-            Machine.restore(snap, console="none").close()
+            restore_snapshot(snap, console="none").close()
             restores.append(time.perf_counter() - start)
         rows[size] = (statistics.median(saves), statistics.median(restores))
     (s1, r1), (s2, r2) = rows[128 * MIB], rows[16 * GIB]
@@ -232,14 +233,14 @@ def lazy(directory: Path, sizes: list[int], rounds: int) -> None:
     snap = directory / "lazy.snap"
     for touched in sizes:
         machine = paused_counter(touched + GIB, "memfd", touched)
-        machine.snapshot(snap)
+        take_snapshot(machine, snap)
         stop(machine)
         firsts, eagers, completes = [], [], []
         for _ in range(rounds):
             drop_caches()
             console = FirstLine()
             start = time.perf_counter()
-            m = Machine.restore(snap, console_stream=console, lazy=True)  # type: ignore[arg-type]
+            m = restore_snapshot(snap, console_stream=console, lazy=True)  # type: ignore[arg-type]
             start_thread(m)
             console.seen.wait(30)
             assert console.at is not None and m.lazy is not None
@@ -250,7 +251,7 @@ def lazy(directory: Path, sizes: list[int], rounds: int) -> None:
             drop_caches()
             console = FirstLine()
             start = time.perf_counter()
-            m = Machine.restore(snap, console_stream=console)  # type: ignore[arg-type]
+            m = restore_snapshot(snap, console_stream=console)  # type: ignore[arg-type]
             start_thread(m)
             console.seen.wait(30)
             assert console.at is not None

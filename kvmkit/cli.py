@@ -3,14 +3,17 @@
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from kvmkit import __version__, cli_check, cli_migrate, cli_snapshot
 from kvmkit.api.server import ApiServer
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
+from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.guests.build import BUILTIN
-from kvmkit.machine import Machine, MachineConfig, RunResult
+from kvmkit.machine import Machine, MachineConfig, RunResult, build_for_boot
 from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
+from kvmkit.machine.console import ConsoleInput, stdin_for_console
 from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_USAGE
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.hugepages import HUGEPAGE_SIZES
@@ -46,7 +49,7 @@ examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
         self.print_usage(sys.stderr)
         print(f"kvmkit: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -144,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--irqchip",
-        action="store_true",
-        help="give the guest KVM's in-kernel PIC, IOAPIC, LAPICs and PIT (HLT then waits in"
-        " the kernel, so a guest ends through the debug-exit port)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="KVM's in-kernel PIC, IOAPIC, LAPICs and PIT (default: on; the UART then"
+        " interrupts on IRQ 4); --no-irqchip leaves them out: a HLT then exits to kvmkit",
     )
     run.add_argument(
         "--dirty-ring",
@@ -240,6 +244,9 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
 
 def format_summary(r: RunResult) -> str:
     exits = ", ".join(f"{name} {n}" for name, n in sorted(r.exits.items(), key=lambda x: -x[1]))
+    dropped = ""
+    if r.console_dropped:
+        dropped = f" ({r.console_dropped} dropped: the console's reader fell behind)"
     lines = [
         f"kvmkit: {r.reason} (exit status {r.status})",
         f"  wall time    {r.wall_s:.3f} s",
@@ -248,7 +255,7 @@ def format_summary(r: RunResult) -> str:
         f" {approx_size(r.populated_bytes)} populated",
         f"  exposure     {r.exposure}",
         f"  vCPUs        {r.vcpus}",
-        f"  console      {r.console_bytes} bytes",
+        f"  console      {r.console_bytes} bytes{dropped}",
         *(f"  note         {note}" for note in r.memory_notes),
     ]
     return "\n".join(lines)
@@ -256,13 +263,15 @@ def format_summary(r: RunResult) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    return run_with_faults(args, lambda: run_machine(Machine(config), args))
+    return run_with_faults(args, lambda: run_machine(build_for_boot(config), args))
 
 
 def run_machine(machine: Machine, args: argparse.Namespace) -> int:
     """Run a built (or restored) machine to its end, with the control API if asked;
     print the summary; return the exit status."""
     with machine:
+        if (fd := stdin_for_console()) is not None:
+            ConsoleInput(fd, machine.serial, machine.events)
         server = ApiServer(args.api_socket, machine).start() if args.api_socket else None
         try:
             result = machine.run()
@@ -296,14 +305,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         for item in chosen:
             print(f"{item.label:<28} expects {item.check.expect:<32} {item.check.title}")
         return 0
-    tty = sys.stderr.isatty()
+    with Progress("selftest") as progress:
 
-    def progress(i: int, item: selftest.Selected) -> None:
-        print(f"\r[{i}/{len(chosen)}] {item.label:<44}", end="", file=sys.stderr, flush=True)
+        def step(i: int, item: selftest.Selected) -> None:
+            progress.update(item.label, i, len(chosen), f"{i}/{len(chosen)}", milestone=False)
 
-    results = selftest.run_selected(chosen, progress if tty else None)
-    if tty:
-        print("\r" + " " * 54 + "\r", end="", file=sys.stderr)
+        results = selftest.run_selected(chosen, step)
     if args.json:
         print(selftest.dumps(results))
     else:

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvmkit.api.client import call
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
+from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
 from kvmkit.machine.config import parse_size
 from kvmkit.memory.backend import BACKEND_NAMES
@@ -130,7 +131,7 @@ def _send(args: argparse.Namespace) -> int:
         "max_iterations": args.max_iterations,
     }
     try:
-        with _Progress("migrating", _source_line) as progress:
+        with _MigrationProgress("migrating", _source_line) as progress:
             reply = call(args.socket, "migrate", request, timeout_s=None, on_event=progress.update)
     except KeyboardInterrupt:
         print(
@@ -191,54 +192,31 @@ def _target_line(event: dict[str, Any]) -> str:
     return text
 
 
-class _Progress:
-    """A rich progress bar on a terminal (phase and iteration, this iteration's bytes,
-    the numbers of `line(event)`); without a terminal, one plain line per iteration."""
+class _MigrationProgress:
+    """Migration events on the one progress display (kvmkit/cli_progress.py)."""
 
     def __init__(self, what: str, line: Callable[[dict[str, Any]], str]) -> None:
-        self.what = what
+        self.progress = Progress(what)
         self.line = line
-        self.live: Any = None
-        self._printed: tuple[object, object] | None = None
 
-    def __enter__(self) -> "_Progress":
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.live = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.fields[numbers]}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self.live.__enter__()
-            self.task = self.live.add_task(self.what, total=None, numbers="connecting")
+    def __enter__(self) -> "_MigrationProgress":
+        self.progress.__enter__()
         return self
 
     def update(self, event: dict[str, Any]) -> None:
         phase = event.get("phase", "")
         label = f"{phase} {event.get('iteration', '')}".strip() if phase == "precopy" else phase
-        if self.live is not None:
-            total = event.get("iteration_bytes")
-            self.live.update(
-                self.task,
-                description=label,
-                total=total or None,
-                completed=event.get("done", 0) if total else 0,
-                numbers=self.line(event),
-            )
-            return
-        key = (phase, event.get("iteration"))
-        if key != self._printed and ("dirty_bytes" in event or phase != "precopy"):
-            self._printed = key
-            print(f"kvmkit: {label}: {self.line(event)}", file=sys.stderr)
+        total = event.get("iteration_bytes")
+        self.progress.update(
+            label,
+            done=event.get("done", 0) if total else None,
+            total=total or None,
+            numbers=self.line(event),
+            milestone="dirty_bytes" in event or phase != "precopy",
+        )
 
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.__exit__(None, None, None)
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
 
 
 def _receive(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
@@ -250,7 +228,7 @@ def _receive(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
     incoming = IncomingMigration(args.listen)
     print(f"kvmkit: waiting for a migration on {incoming.address}", file=sys.stderr)
     try:
-        with _Progress("receiving", _target_line) as progress:
+        with _MigrationProgress("receiving", _target_line) as progress:
             machine = incoming.receive(
                 memory_backend=args.memory_backend,
                 console=args.console,

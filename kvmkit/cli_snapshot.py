@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmkit.api.client import call
+from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.layout import approx_size, format_size
@@ -132,27 +133,27 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(what: str) -> Callable[[int, int], None] | None:
-    if not sys.stderr.isatty():
-        return None
+def bytes_progress(progress: Progress, stage: str) -> Callable[[int, int], None]:
+    """A (done, total) byte counter shown on `progress`."""
 
     def show(done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        print(f"\r{what}: {approx_size(done)} of {approx_size(total)}", end=end, file=sys.stderr)
+        numbers = f"{approx_size(done)} of {approx_size(total)}"
+        progress.update(stage, done, total, numbers, milestone=done >= total)
 
     return show
 
 
 def _restore(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
-    from kvmkit.machine import Machine
+    from kvmkit.control.snapshots import restore_snapshot
 
-    machine = Machine.restore(
-        args.file,
-        memory_backend=args.memory_backend,
-        console=args.console,
-        lazy=args.lazy,
-        progress=_progress("restoring memory"),
-    )
+    with Progress("restoring") as progress:
+        machine = restore_snapshot(
+            args.file,
+            memory_backend=args.memory_backend,
+            console=args.console,
+            lazy=args.lazy,
+            progress=bytes_progress(progress, "restoring memory"),
+        )
     for note in machine.restore_notes:
         print(f"kvmkit: note: {note}", file=sys.stderr)
     return run_machine(machine, args)

@@ -2,9 +2,11 @@
 
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from kvmkit.control.snapshots import take_snapshot
 from kvmkit.errors import KvmkitError
+from kvmkit.machine.machine import Machine
 from kvmkit.machine.result import EXIT_OK
 
 
@@ -12,50 +14,42 @@ class ApiError(KvmkitError):
     """A request the API refuses: the message goes back to the caller."""
 
 
-class Controllable(Protocol):
-    def pause(self, timeout_s: float = ...) -> None: ...
-    def resume(self) -> None: ...
-    def status(self) -> dict[str, Any]: ...
-    def stop(self, status: int, reason: str, detail: str = "") -> None: ...
-    def snapshot(
-        self, path: str, *, resume: bool = ..., compress_level: int | None = ...
-    ) -> Any: ...  # noqa: ANN401, E501
-
-
-def _status(machine: Controllable, args: dict[str, Any]) -> dict[str, Any]:
+def _status(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
     return machine.status()
 
 
-def _pause(machine: Controllable, args: dict[str, Any]) -> dict[str, Any]:
+def _pause(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
     machine.pause()
     return machine.status()
 
 
-def _resume(machine: Controllable, args: dict[str, Any]) -> dict[str, Any]:
+def _resume(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
     machine.resume()
     return machine.status()
 
 
-def _stop(machine: Controllable, args: dict[str, Any]) -> dict[str, Any]:
+def _stop(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
     machine.stop(EXIT_OK, "stopped through the control API")
     return {"state": "stopped"}
 
 
-def _snapshot(machine: Controllable, args: dict[str, Any]) -> dict[str, Any]:
+def _snapshot(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
     path = args.get("path")
     if not isinstance(path, str) or not path:
         raise ApiError('snapshot needs "path": the file to write')
     level = args.get("compress")
     if level is not None and (not isinstance(level, int) or not 1 <= level <= 22):
         raise ApiError('"compress" is a zstd level from 1 to 22')
-    report = machine.snapshot(path, resume=bool(args.get("resume", False)), compress_level=level)
+    report = take_snapshot(
+        machine, path, resume=bool(args.get("resume", False)), compress_level=level
+    )
     return {"snapshot": report.to_dict(), **machine.status()}
 
 
 Emit = Callable[[dict[str, Any]], None]
 
 
-def _migrate(machine: Controllable, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def _migrate(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
     from kvmkit.migration import migrate
 
     to = args.get("to")
@@ -72,7 +66,7 @@ def _migrate(machine: Controllable, args: dict[str, Any], emit: Emit) -> dict[st
         raise ApiError('"max_iterations" is a whole number of pre-copy passes, at least 1')
     try:
         report = migrate(
-            machine,  # type: ignore[arg-type]
+            machine,
             to,
             max_downtime_ms=float(downtime),
             bandwidth_bps=bandwidth,
@@ -88,11 +82,11 @@ def _migrate(machine: Controllable, args: dict[str, Any], emit: Emit) -> dict[st
 
 # Commands that report progress while they work: the server sends each event as
 # {"event": {...}} on its own line before the final answer.
-STREAMING: dict[str, Callable[[Controllable, dict[str, Any], Emit], dict[str, Any]]] = {
+STREAMING: dict[str, Callable[[Machine, dict[str, Any], Emit], dict[str, Any]]] = {
     "migrate": _migrate,
 }
 
-COMMANDS: dict[str, Callable[[Controllable, dict[str, Any]], dict[str, Any]]] = {
+COMMANDS: dict[str, Callable[[Machine, dict[str, Any]], dict[str, Any]]] = {
     "status": _status,
     "pause": _pause,
     "resume": _resume,
@@ -101,7 +95,7 @@ COMMANDS: dict[str, Callable[[Controllable, dict[str, Any]], dict[str, Any]]] = 
 }
 
 
-def handle(machine: Controllable, request: object, emit: Emit | None = None) -> dict[str, Any]:
+def handle(machine: Machine, request: object, emit: Emit | None = None) -> dict[str, Any]:
     """One request in, one response out (progress events through `emit`); never raises."""
     if not isinstance(request, dict):
         return {"ok": False, "error": 'a request is a JSON object with "cmd"'}

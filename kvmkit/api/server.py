@@ -8,8 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kvmkit.api.commands import Controllable, handle
+from kvmkit.api.commands import handle
 from kvmkit.errors import ConfigError, KvmkitError
+from kvmkit.machine.machine import Machine
 from kvmkit.unix_socket import claim_unix_path
 
 MAX_REQUEST_BYTES = 1 << 16
@@ -24,7 +25,7 @@ class ClientGone(KvmkitError):
 class ApiServer:
     """Listens at `path` (created with mode 0600) until `close()`."""
 
-    def __init__(self, path: str | os.PathLike[str], machine: Controllable) -> None:
+    def __init__(self, path: str | os.PathLike[str], machine: Machine) -> None:
         self.path = Path(path)
         self.machine = machine
         claim_unix_path(self.path, "the API socket")

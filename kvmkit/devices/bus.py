@@ -2,7 +2,7 @@
 
 import bisect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmkit.errors import KvmkitError
 
@@ -10,25 +10,32 @@ from kvmkit.errors import KvmkitError
 class Device(Protocol):
     """A bus client. `offset` is relative to the start of the range it was added at.
 
-    A device that reads or writes guest RAM itself (DMA, virtqueues) also defines
+    `name` is the device's id in its machine (`serial0`, `blk0`). A device that reads
+    or writes guest RAM itself (DMA, virtqueues) also defines
     `shared_windows() -> list[tuple[int, int]]`: the (gpa, size) ranges it needs
     mapped in the host when guest memory is hidden. Keep them as small as possible.
 
-    Every device declares its state for snapshots and migration: `state_version`
-    (raise it when the meaning of the state changes), `save_state()` returning a
-    JSON-able dict, and `load_state(state)` taking what `save_state` gave.
+    Every device declares its state for snapshots and migration: `state_type` (a
+    dataclass, decoded with kvmkit.records), `state_version` (raised when the meaning
+    of the state changes) and `save_state()` returning a `state_type` record. A device
+    is rebuilt from its configuration plus such a record (its constructor takes
+    `state=`), never poked into after construction.
     """
 
-    name: str
-    state_version: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state_version(self) -> int: ...
+
+    @property
+    def state_type(self) -> type: ...
 
     def read(self, offset: int, size: int) -> int: ...
 
     def write(self, offset: int, size: int, value: int) -> None: ...
 
-    def save_state(self) -> dict[str, object]: ...
-
-    def load_state(self, state: dict[str, object]) -> None: ...
+    def save_state(self) -> Any: ...  # noqa: ANN401 (a `state_type` record)
 
 
 class BusError(KvmkitError):

@@ -5,19 +5,28 @@ uses it to dirty memory at a set rate."""
 
 import threading
 import time
+from dataclasses import dataclass, field
+
+from kvmkit.records import bounds
 
 PACE_PORT = 0x82
 TICK_S = 0.001
 
 
-class PaceClock:
-    name = "pace"
-    state_version = 1
+@dataclass(frozen=True)
+class PaceState:
+    ticks: int = field(default=0, metadata=bounds(0, None))
 
-    def __init__(self) -> None:
+
+class PaceClock:
+    state_version = 1
+    state_type = PaceState
+
+    def __init__(self, state: PaceState | None = None, name: str = "pace") -> None:
+        self.name = name
         self._lock = threading.Lock()
         self._next = 0.0
-        self.ticks = 0
+        self.ticks = (state or PaceState()).ticks
 
     def read(self, offset: int, size: int) -> int:
         return self.ticks & 0xFF
@@ -32,8 +41,5 @@ class PaceClock:
         if wait > 0:
             time.sleep(wait)
 
-    def save_state(self) -> dict[str, object]:
-        return {"ticks": self.ticks}
-
-    def load_state(self, state: dict[str, object]) -> None:
-        self.ticks = int(state.get("ticks", 0))  # type: ignore[call-overload]
+    def save_state(self) -> PaceState:
+        return PaceState(self.ticks)

@@ -1,6 +1,7 @@
 """Fault injection: make a named operation fail on purpose, to prove kvmkit's
 failure paths (the VM keeps running, nothing is lost, the error is clear), and
-deliver guest-visible faults (exceptions, NMIs, machine checks) to test guests.
+describe guest-visible faults (exceptions, NMIs, machine checks) for test guests
+(delivered by kvmkit/kvm/guest_events.py).
 
 A hook point asks the active plan just before the real operation; with no plan
 active it does nothing. Sites: `ioctl:<name>` for every KVM ioctl (kvmkit/kvm/ioctl.py
@@ -9,7 +10,7 @@ host without a capability, on demand), and the named sites in `SITES` (snapshot 
 memory backends, device I/O, migration streams). See plan.py for the rule syntax.
 """
 
-from kvmkit.faults.guest_events import GuestEvent, deliver, parse_event
+from kvmkit.faults.guest_events import GuestEvent, parse_event
 from kvmkit.faults.plan import (
     PHASES,
     SITES,
@@ -36,7 +37,6 @@ __all__ = [
     "active",
     "active_plan",
     "capability_answer",
-    "deliver",
     "enter_phase",
     "errno_after_delay",
     "inject",

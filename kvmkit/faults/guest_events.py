@@ -1,4 +1,5 @@
-"""Guest-visible faults: an exception, an NMI or a machine check delivered to a vCPU.
+"""Guest-visible faults: an exception, an NMI or a machine check for a vCPU (delivered
+by kvmkit/kvm/guest_events.py).
 
 - Exceptions (#GP, #UD, #PF with an address) go in through KVM_SET_VCPU_EVENTS as an
   injected exception; for #PF, CR2 is set to the address first (KVM_SET_SREGS).
@@ -13,24 +14,11 @@ the vCPU would run next: a handler that returns (IRETQ) resumes the guest there.
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kvmkit.errors import ConfigError
-from kvmkit.uapi.cpu import kvm_x86_mce
-
-if TYPE_CHECKING:
-    from kvmkit.kvm import Vcpu
 
 VECTORS = {"GP": 13, "UD": 6, "PF": 14, "NMI": 2, "MCE": 18}
 WITH_ERROR_CODE = {"GP", "PF"}
-
-MCI_STATUS_VAL = 1 << 63
-MCI_STATUS_UC = 1 << 61
-MCI_STATUS_EN = 1 << 60
-MCI_STATUS_ADDRV = 1 << 58
-MCG_STATUS_RIPV = 1 << 0
-MCE_BANKS = 10
-MCG_STATUS_MCIP = 1 << 2
 
 _EVENT_RE = re.compile(r"^(#GP|#UD|#PF|NMI|MCE)(?:=(\w+))?(?:/(\w+))?$", re.IGNORECASE)
 
@@ -90,47 +78,3 @@ def parse_event(what: str, text: str = "") -> GuestEvent | None:
     if kind == "MCE":
         return GuestEvent("MCE", address=number(first) if first else 0)
     return GuestEvent(kind)
-
-
-def deliver(vcpu: "Vcpu", event: GuestEvent) -> None:
-    """Make `event` happen on `vcpu` at its next KVM_RUN."""
-    if event.kind == "NMI":
-        vcpu.nmi()
-    elif event.kind == "MCE":
-        _machine_check(vcpu, event.address)
-    else:
-        raise_exception(vcpu, event.vector, event.error_code, event.address, event.kind)
-
-
-def raise_exception(
-    vcpu: "Vcpu", vector: int, error_code: int = 0, cr2: int = 0, kind: str = ""
-) -> None:
-    """Inject exception `vector` (with `error_code` when the vector has one)."""
-    if vector == VECTORS["PF"]:
-        sregs = vcpu.get_sregs()
-        sregs.cr2 = cr2
-        vcpu.set_sregs(sregs)
-    events = vcpu.get_vcpu_events()
-    events.exception.injected = 1
-    events.exception.pending = 0
-    events.exception.nr = vector
-    has_code = kind in WITH_ERROR_CODE or vector in (8, 10, 11, 12, 13, 14, 17, 21)
-    events.exception.has_error_code = 1 if has_code else 0
-    events.exception.error_code = error_code if has_code else 0
-    events.exception_has_payload = 0
-    vcpu.set_vcpu_events(events)
-
-
-def _machine_check(vcpu: "Vcpu", address: int) -> None:
-    if not vcpu.mce_ready:
-        # KVM reports the MCG_CAP feature bits; the bank count (bits 0-7) is ours to pick.
-        vcpu.setup_mce(vcpu.vm.kvm.mce_cap_supported() & ~0xFF | MCE_BANKS)
-        vcpu.mce_ready = True
-    status = MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN
-    if address:
-        status |= MCI_STATUS_ADDRV
-    vcpu.set_mce(
-        kvm_x86_mce(
-            status=status, addr=address, mcg_status=MCG_STATUS_MCIP | MCG_STATUS_RIPV, bank=0
-        )
-    )

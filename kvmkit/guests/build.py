@@ -110,6 +110,13 @@ BUILTIN: dict[str, GuestProgram] = {
             LONG_LOAD,
             "handles NMI, #UD, #GP, #PF and #MC, printing each; --guest-arg POST exits",
         ),
+        GuestProgram(
+            "echo",
+            SRC_DIR / "echo.S",
+            "long",
+            LONG_LOAD,
+            "echoes console input, taken by interrupt (IRQ 4 through the PIC); 'q' ends it",
+        ),
     )
 }
 

@@ -17,10 +17,10 @@ from kvmkit.arch.x86.cpuid_features import decode_features, pmu_version
 from kvmkit.arch.x86.real_mode import real_mode_regs, real_mode_sregs
 from kvmkit.errors import KvmkitError
 from kvmkit.hostcheck.host_facts import host_facts, module_params
+from kvmkit.hostcheck.probes import guest_memfd_runs_unmapped, run_with_timeout
 from kvmkit.kvm import Kvm, KvmError, Vm
 from kvmkit.kvm.system import VM_TYPE_NAMES
 from kvmkit.kvm.vm import describe_gmem_flags
-from kvmkit.machine.probes import guest_memfd_runs_unmapped, run_with_timeout
 from kvmkit.memory.userfault import Userfaultfd
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.exits import ExitReason

@@ -1,6 +1,7 @@
 """The one place kvmkit calls ioctl on a KVM fd."""
 
 import ctypes
+from typing import Any, TypeAlias
 
 from kvmkit import faults as _faults
 from kvmkit.kvm.errors import KvmError
@@ -8,7 +9,10 @@ from kvmkit.libc import raw_ioctl
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.ioctls import KVM_CHECK_EXTENSION, ioctl_name
 
-Arg = int | ctypes.Structure | ctypes.Array | ctypes._Pointer | None
+Arg: TypeAlias = (
+    "int | ctypes.Structure | ctypes.Array[Any] | ctypes._Pointer[Any]"
+    " | ctypes._SimpleCData[Any] | None"
+)
 
 
 def kvm_ioctl(fd: int, request: int, arg: Arg = None, *, hint: str = "") -> int:
@@ -29,8 +33,8 @@ def kvm_ioctl(fd: int, request: int, arg: Arg = None, *, hint: str = "") -> int:
     if ret < 0:
         raise KvmError(ioctl_name(request), ctypes.get_errno(), hint)
     if request == KVM_CHECK_EXTENSION and _faults.active() is not None:
-        return _faults.capability_answer(cap_name(arg), ret)  # type: ignore[arg-type]
-    return ret
+        return _faults.capability_answer(cap_name(int(arg)), ret)  # type: ignore[arg-type]
+    return int(ret)
 
 
 def cap_name(number: int) -> str:

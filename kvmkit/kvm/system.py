@@ -104,7 +104,7 @@ class Kvm:
         return kvm_backend() == "pvm"
 
     def supported_cpuid(self) -> list[kvm_cpuid_entry2]:
-        return _read_cpuid(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID)
+        return read_cpuid(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID)
 
     def mce_cap_supported(self) -> int:
         """The MCG_CAP bits and bank count KVM can give a vCPU (KVM_X86_GET_MCE_CAP_SUPPORTED)."""
@@ -149,7 +149,7 @@ class Kvm:
         return Vm(self, kvm_ioctl(self.fd, ioctls.KVM_CREATE_VM, vm_type))
 
 
-def _read_cpuid(fd: int, request: int) -> list[kvm_cpuid_entry2]:
+def read_cpuid(fd: int, request: int) -> list[kvm_cpuid_entry2]:
     nent = 64
     while True:
         buf = (

@@ -6,14 +6,16 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from kvmkit import libc
+from kvmkit import faults, libc
 from kvmkit.kvm.errors import KvmError
+from kvmkit.kvm.exits import INTR, ExitDecoder
+from kvmkit.kvm.guest_events import deliver
 from kvmkit.kvm.ioctl import kvm_ioctl
-from kvmkit.kvm.system import _read_cpuid
+from kvmkit.kvm.system import read_cpuid
 from kvmkit.uapi import ioctls
 from kvmkit.uapi.cpu import (
     kvm_cpuid2,
@@ -34,7 +36,6 @@ from kvmkit.uapi.cpu import (
     kvm_xcrs,
     kvm_xsave,
 )
-from kvmkit.uapi.exits import ExitReason
 from kvmkit.uapi.memory import KVM_DIRTY_LOG_PAGE_OFFSET
 from kvmkit.uapi.run import kvm_run
 
@@ -149,13 +150,51 @@ class Vcpu:
     # -- running ----------------------------------------------------------
     def run(self) -> int:
         """KVM_RUN once; returns the exit reason. EINTR (a kick) returns KVM_EXIT_INTR."""
-        ret = libc.raw_ioctl(self.fd, ctypes.c_ulong(ioctls.KVM_RUN), ctypes.c_ulong(0))
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                return ExitReason.INTR
-            raise KvmError("KVM_RUN", err)
-        return self.run_struct.exit_reason
+        return self.runner()()
+
+    def runner(self) -> Callable[[], int]:
+        """KVM_RUN as a prebound callable returning the exit reason: KVM_EXIT_INTR when
+        a kick interrupted it (EINTR, EAGAIN); KvmError for any other failure. This is
+        the one KVM_RUN call site. The fault plan is consulted only when one is active
+        at the time of this call, so a run without a plan pays nothing: a planned errno
+        fails the call as the kernel would; a planned guest event is delivered just
+        before the vCPU enters."""
+        ioctl, get_errno = libc.raw_ioctl, ctypes.get_errno
+        fd, request, zero = self.fd, ctypes.c_ulong(ioctls.KVM_RUN), ctypes.c_ulong(0)
+        run = self.run_struct
+        interrupted = (errno.EINTR, errno.EAGAIN)
+
+        def run_once() -> int:
+            if ioctl(fd, request, zero) < 0:
+                err = get_errno()
+                if err in interrupted:
+                    return INTR
+                raise KvmError("KVM_RUN", err)
+            return int(run.exit_reason)
+
+        if faults.active() is None:
+            return run_once
+
+        def run_with_plan() -> int:
+            rule = faults.planned_rule("ioctl:KVM_RUN")
+            if rule is not None:
+                if rule.event is not None:
+                    deliver(self, rule.event)
+                elif err := faults.errno_after_delay(rule):
+                    if err in interrupted:
+                        return INTR
+                    raise KvmError("KVM_RUN", err, "fault injected by the plan")
+            return run_once()
+
+        return run_with_plan
+
+    def exit_decoder(self) -> ExitDecoder:
+        """A decoder of this vCPU's exits (see kvmkit/kvm/exits.py)."""
+        return ExitDecoder(self.run_page)
+
+    def deliver(self, event: "faults.GuestEvent") -> None:
+        """Make a guest-visible fault happen at the vCPU's next KVM_RUN."""
+        deliver(self, event)
 
     def kick(self, thread_ident: int | None) -> None:
         """Make the thread running this vCPU leave KVM_RUN (inside `kick_handler`):
@@ -225,7 +264,7 @@ class Vcpu:
         kvm_ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, events)
 
     def get_mp_state(self) -> int:
-        return self._get(ioctls.KVM_GET_MP_STATE, kvm_mp_state).mp_state
+        return int(self._get(ioctls.KVM_GET_MP_STATE, kvm_mp_state).mp_state)
 
     def set_mp_state(self, state: int) -> None:
         kvm_ioctl(self.fd, ioctls.KVM_SET_MP_STATE, kvm_mp_state(state))
@@ -287,10 +326,12 @@ class Vcpu:
         kvm_ioctl(self.fd, ioctls.KVM_SET_CPUID2, buf)
 
     def get_cpuid(self) -> list[kvm_cpuid_entry2]:
-        return _read_cpuid(self.fd, ioctls.KVM_GET_CPUID2)
+        return read_cpuid(self.fd, ioctls.KVM_GET_CPUID2)
 
 
-def _msr_buffer(indices: list[int]) -> tuple[ctypes.Array, ctypes.Array]:
+def _msr_buffer(
+    indices: list[int],
+) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[kvm_msr_entry]]:
     size = ctypes.sizeof(kvm_msrs) + len(indices) * ctypes.sizeof(kvm_msr_entry)
     buf = (ctypes.c_uint8 * size)()
     kvm_msrs.from_buffer(buf).nmsrs = len(indices)

@@ -276,7 +276,9 @@ class Vm:
         size = ctypes.sizeof(header) + 8 * len(events)
         buf = (ctypes.c_uint8 * size)()
         ctypes.memmove(buf, ctypes.byref(header), ctypes.sizeof(header))
-        (ctypes.c_uint64 * len(events)).from_buffer(buf, ctypes.sizeof(header))[:] = events
+        words = (ctypes.c_uint64 * len(events)).from_buffer(buf, ctypes.sizeof(header))
+        for i, event in enumerate(events):
+            words[i] = event
         kvm_ioctl(self.fd, ioctls.KVM_SET_PMU_EVENT_FILTER, buf)
 
     def _get(self, request: int, cls: type[S], **init: int) -> S:

@@ -1,225 +1,170 @@
-"""`Machine`: a VM built from a `MachineConfig`, one thread per vCPU, devices, lifecycle."""
+"""`Machine`: a built VM and its lifecycle: run, pause, resume, stop, close.
 
-import os
+Machines come from the builder (kvmkit/machine/builder.py: `build_for_boot`,
+`build_from_saved`). Saving and restoring them, and migrating them, is done above
+(kvmkit/control/, kvmkit/migration/) through what a Machine exposes.
+"""
+
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
-from kvmkit.devices import DebugExit, Device, PostCode, Serial16550, mmio_bus, pio_bus
-from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT
-from kvmkit.devices.pace import PACE_PORT, PaceClock
-from kvmkit.devices.post import POST_PORT
-from kvmkit.devices.serial import COM1_BASE, UART_REGS
+from kvmkit import faults
+from kvmkit.arch.x86.registers import format_registers
+from kvmkit.devices.bus import Bus, Device
+from kvmkit.devices.console import ConsoleOutput
+from kvmkit.devices.post import PostCode
+from kvmkit.devices.serial import Serial16550
 from kvmkit.errors import KvmkitError
 from kvmkit.faults import enter_phase
-from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
-from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
+from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
+from kvmkit.kvm.exits import NR_REASONS
 from kvmkit.kvm.vcpu import install_kick_handler, kick_handler
-from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
-from kvmkit.machine.config import MachineConfig
-from kvmkit.machine.pause import PauseGate
-from kvmkit.machine.probes import guest_memfd_runs_unmapped
-from kvmkit.machine.result import (
-    EXIT_HOST_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    RunResult,
-)
-from kvmkit.machine.vcpu_loop import _NR_REASONS, run_vcpu
+from kvmkit.machine.boot import BootPlan
+from kvmkit.machine.device_manager import DeviceManager
+from kvmkit.machine.event_loop import EventLoop
+from kvmkit.machine.halt_watch import HaltWatch
+from kvmkit.machine.pause import USER
+from kvmkit.machine.resources import VmResources
+from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_INTERRUPTED, EXIT_OK, RunResult
+from kvmkit.machine.run_control import RunControl
+from kvmkit.machine.vcpu_loop import VcpuPort, run_vcpu
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
-from kvmkit.memory.layout import format_size
-from kvmkit.snapshot import file as snapshot_file
-from kvmkit.snapshot.file import SnapshotReport
-from kvmkit.snapshot.lazy import LazyRestore, start_lazy_restore
-from kvmkit.snapshot.machine_state import (
-    ProgressFn,
-    SavedMachine,
-    apply_machine,
-    check_host,
-    check_layout,
-    read_memory,
+from kvmkit.snapshot.model import MachineDescription
+from kvmkit.uapi.cpu import (
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
 )
-from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.exits import ExitReason
 
 JOIN_TIMEOUT_S = 5.0
+RFLAGS_IF = 1 << 9
+WAITING_FOR_SIPI = (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
 
 
-def config_from_description(
-    m: dict[str, Any], backend: str | None = None, console: str | None = None
-) -> MachineConfig:
-    """The MachineConfig that rebuilds a machine a snapshot or migration describes."""
-    return MachineConfig(
-        memory_bytes=int(m["memory_bytes"]),
-        vcpus=int(m["vcpus"]),
-        memory_backend=backend or str(m["backend"]),
-        guest=str(m["guest"]),
-        guest_arg=int(m["guest_arg"]),
-        hugepage_size=int(m["hugepage_size"]),
-        irqchip=bool(m["irqchip"]),
-        console=console,
-    )
+class MemoryFiller(Protocol):
+    """Something still filling guest memory after the machine was built (a lazy
+    restore): finished before the memory is saved again, closed with the machine."""
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class MachineParts:
+    """What the builder made, handed to the Machine that owns it from then on."""
+
+    control: RunControl
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    vcpus: list[Vcpu]
+    devices: DeviceManager
+    events: EventLoop
+    console: ConsoleOutput
+    description: MachineDescription
+    resources: VmResources | None
+    plan: BootPlan | None
+    dirty_rings: DirtyRings | None
 
 
 class Machine:
-    """Build with `Machine(config)`, then `run()` once, then `close()` (or use `with`).
+    """Run once with `run()`, then `close()` (or use `with`).
 
-    Attributes for tests and tools: `kvm`, `vm`, `memory`, `vcpus`, `plan`,
-    `serial`, `post`, `pio_bus`, `mmio_bus`.
+    Attributes for tools and tests: `kvm`, `vm`, `memory`, `vcpus`, `devices` (id ->
+    device), `device_manager`, `serial`, `console`, `events`, `plan` (boot road),
+    `description` (what a snapshot records of it).
     """
 
-    def __init__(
-        self,
-        config: MachineConfig,
-        console: BinaryIO | None = None,
-        saved: SavedMachine | None = None,
-    ) -> None:
-        """`saved`: build the machine to continue a snapshot's state instead of booting
-        the guest (its memory is loaded by the caller: see `Machine.restore`)."""
-        self.config = config
-        self.kvm: Kvm | None = None
-        self.vm: Vm | None = None
-        self.memory: GuestMemory | None = None
-        self.vcpus: list[Vcpu] = []
-        self._console_file: BinaryIO | None = None
-        self.stopping = threading.Event()
-        self.attention = threading.Event()  # stop or pause: vCPU threads check on EINTR
-        self.gate = PauseGate(self.attention, self.stopping)
-        self.plan: BootPlan | None = None
+    def __init__(self, parts: MachineParts) -> None:
+        self.control = parts.control
+        self.kvm: Kvm | None = parts.kvm
+        self.vm: Vm | None = parts.vm
+        self.memory: GuestMemory | None = parts.memory
+        self.vcpus = parts.vcpus
+        self.device_manager = parts.devices
+        self.events = parts.events
+        self.console = parts.console
+        self.description = parts.description
+        self.resources = parts.resources
+        self.plan = parts.plan
+        self.dirty_rings = parts.dirty_rings
+        self.stopping = self.control.stopping
+        self.attention = self.control.attention
+        self.gate = self.control.gate
         self.restored_from: str | None = None
+        self.migrated_from: str | None = None
         self.restore_notes: list[str] = []
-        self.lazy: LazyRestore | None = None
+        self.lazy: MemoryFiller | None = None
         self.started_at: float | None = None
-        self._lock = threading.Lock()
-        self._result: RunResult | None = None
-        self._halted: set[int] = set()
         self._threads: list[threading.Thread] = []
-        self.dirty_rings: DirtyRings | None = None
+        self._halted: set[int] = set()
+        self._lock = threading.Lock()
+        self._watch: HaltWatch | None = None
+        self._events_held = False
+        self._closed = False
+        self.control.kick_all = self._kick_all
         install_kick_handler()  # so a pause or stop reaches a vCPU spinning in the guest
-        try:
-            self._build(console, saved)
-        except BaseException:
-            self.close()
-            raise
 
-    # -- building ---------------------------------------------------------
-    def _build(self, console: BinaryIO | None, saved: SavedMachine | None) -> None:
-        config = self.config
-        self.kvm = Kvm()
-        config.validate(
-            max_vcpus=self.kvm.check_extension(Cap.MAX_VCPUS), restoring=saved is not None
-        )
-        image = self._guest_image() if saved is None else b""
-        self.vm = self.kvm.create_vm()
-        if config.dirty_ring_bytes:  # before the first vCPU
-            self.vm.enable_dirty_ring(config.dirty_ring_bytes)
-        if config.irqchip:
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
-        self.memory = GuestMemory(
-            self.vm,
-            config.memory_bytes,
-            config.memory_backend,
-            hugepage_size=config.hugepage_size,
-            numa=config.numa,
-            prealloc=config.prealloc,
-            no_direct_map=config.hide == "direct-map",
-        )
-        if saved is not None:
-            check_layout(saved.machine, self.memory)
-        elif config.cpu_mode == "long":
-            flags = BOOT_FLAG_PVM_HOST if self.kvm.is_pvm else 0
-            self.plan = load_long_mode(
-                self.memory, image, config.load_addr, config.vcpus, config.guest_arg, flags
-            )
-        else:
-            self.plan = load_real_mode(self.memory, image, config.load_addr)
+    # -- what it is made of ------------------------------------------------------------
+    @property
+    def devices(self) -> dict[str, Device]:
+        """Every device by id: the ones whose state a snapshot carries."""
+        return self.device_manager.devices
 
-        self.pio_bus = pio_bus()
-        self.mmio_bus = mmio_bus()
-        self.serial = Serial16550(self._open_console(console))
-        self.post = PostCode()
-        self.debug_exit = DebugExit(self._guest_exit)
-        self.pio_bus.add(COM1_BASE, UART_REGS, self.serial)
-        self.pio_bus.add(POST_PORT, 1, self.post)
-        self.pio_bus.add(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN, self.debug_exit)
-        self.pace = PaceClock()
-        self.pio_bus.add(PACE_PORT, 1, self.pace)
+    @property
+    def serial(self) -> Serial16550:
+        serial = self.devices["serial0"]
+        assert isinstance(serial, Serial16550)
+        return serial
 
-        if config.hide != "off":
-            self._hide_guest_memory()
+    @property
+    def post(self) -> PostCode:
+        post = self.devices["post"]
+        assert isinstance(post, PostCode)
+        return post
 
-        supported = self.kvm.supported_cpuid()
-        for i in range(config.vcpus):
-            vcpu = self.vm.create_vcpu(i)
-            self.vcpus.append(vcpu)
-            if self.plan is not None:
-                setup_vcpu(vcpu, self.plan, supported)
-        if config.dirty_ring_bytes:
-            self.dirty_rings = DirtyRings(self.vm, {r.slot: r.offset for r in self.memory.regions})
-        if saved is not None and saved.vcpus:  # an incoming migration loads state later
-            apply_machine(saved, self.vm, self.vcpus, self.devices)
+    @property
+    def pio_bus(self) -> Bus:
+        return self.device_manager.pio_bus
 
-    def _hide_guest_memory(self) -> None:
-        """Unmap guest RAM from this process, keeping only windows devices declare."""
-        assert self.kvm is not None and self.memory is not None
-        probe = guest_memfd_runs_unmapped()
-        if not probe.ok:
-            why = (
-                "; on a PVM host KVM reaches guest memory through the host mapping"
-                if self.kvm.is_pvm
-                else ""
-            )
-            raise KvmUnsupportedError(
-                "--hide-guest-memory",
-                "this host's KVM cannot run a guest from guest_memfd without a host mapping"
-                f" (measured: {probe.detail}){why}",
-            )
-        keep = []
-        for bus in (self.pio_bus, self.mmio_bus):
-            for mapping in bus.mappings():
-                declared = getattr(mapping.device, "shared_windows", None)
-                for gpa, size in declared() if declared else []:
-                    keep.append((gpa, size, mapping.device.name))
-        self.memory.hide(keep)
+    @property
+    def mmio_bus(self) -> Bus:
+        return self.device_manager.mmio_bus
 
-    def _guest_image(self) -> bytes:
-        if self.config.program is not None:
-            return self.config.program.build()
-        return Path(self.config.guest).read_bytes()
+    @property
+    def irqchip(self) -> bool:
+        return self.description.irqchip
 
-    def _open_console(self, console: BinaryIO | None) -> BinaryIO | None:
-        if console is not None:
-            return console
-        target = self.config.console
-        if target == "none":
-            return None
-        if target is None:
-            return sys.stdout.buffer
-        self._console_file = open(target, "wb")  # noqa: SIM115 (closed in close())
-        return self._console_file
-
-    # -- running ----------------------------------------------------------
+    # -- running -------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Run until the guest exits, every vCPU halts, an error, or Ctrl-C."""
-        if self._threads:
+        if self._threads or self._closed:
             raise RuntimeError("a Machine runs once; build a new one to run again")
-        counts = [[0] * _NR_REASONS for _ in self.vcpus]
+        ports = [self._port(v) for v in self.vcpus]
         start = self.started_at = time.monotonic()
         self.gate.start([v.index for v in self.vcpus])
+        if self.irqchip:
+            self._watch = HaltWatch(
+                len(self.vcpus), self._kick_one, self._all_idle, self.control.stopping
+            )
         enter_phase("run")
+        self.events.start()
         with kick_handler():
-            for vcpu, c in zip(self.vcpus, counts, strict=True):
+            for port in ports:
                 t = threading.Thread(
-                    target=self._vcpu_thread, args=(vcpu, c), name=f"vcpu{vcpu.index}", daemon=True
+                    target=self._vcpu_thread, args=(port,), name=f"vcpu{port.index}", daemon=True
                 )
                 self._threads.append(t)
                 t.start()
+            if self._watch is not None:
+                self._watch.start()
             try:
                 while not self.stopping.wait(0.25):
                     pass
@@ -231,21 +176,66 @@ class Machine:
             if stuck:
                 self.stop(EXIT_HOST_ERROR, f"vCPU threads did not stop: {', '.join(stuck)}")
         wall = time.monotonic() - start
-        self.serial.flush()
-        return self._finish(wall, counts)
+        self.console.flush()
+        return self._finish(wall, [p.counts for p in ports])
 
-    def _vcpu_thread(self, vcpu: Vcpu, counts: list[int]) -> None:
+    def _port(self, vcpu: Vcpu) -> VcpuPort:
+        control, gate, watch_ref = self.control, self.gate, self
+        attention, stopping = self.attention.is_set, self.stopping.is_set
+        run_struct = vcpu.run_struct
+        index = vcpu.index
+
+        def on_kick() -> bool:
+            if attention():
+                if not gate.park(vcpu):
+                    return False
+            else:
+                run_struct.immediate_exit = 0
+                if attention():  # a pause came in between: leave KVM_RUN at once
+                    run_struct.immediate_exit = 1
+            watch = watch_ref._watch
+            if watch is not None and watch.wants_check(index):
+                watch.report(index, _idle_for_good(vcpu))
+            return not stopping()
+
+        def on_hlt() -> bool:
+            self.vcpu_halted(index)
+            return False
+
+        rings = self.dirty_rings
+        return VcpuPort(
+            index=index,
+            run=vcpu.runner(),
+            exits=vcpu.exit_decoder(),
+            pio=self.pio_bus,
+            mmio=self.mmio_bus,
+            stopping=stopping,
+            stop=control.stop,
+            on_kick=on_kick,
+            on_hlt=on_hlt,
+            describe=lambda: _registers(vcpu),
+            on_ring_full=(lambda: rings.harvest_full(index)) if rings is not None else None,
+            device_faults=faults.active() is not None,
+            ignore_unclaimed=self.description.unclaimed_io == "ignore",
+        )
+
+    def _vcpu_thread(self, port: VcpuPort) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        run_vcpu(self, vcpu, counts)
+        if self._watch is not None:
+            self._watch.tids[port.index] = threading.get_native_id()
+        try:
+            run_vcpu(port)
+        finally:
+            self.gate.gone(port.index)
 
     def _finish(self, wall: float, counts: list[list[int]]) -> RunResult:
-        assert self._result is not None and self.memory is not None
+        assert self.control.result is not None and self.memory is not None
         exits: dict[str, int] = {}
-        for reason in range(_NR_REASONS):
+        for reason in range(NR_REASONS):
             n = sum(c[reason] for c in counts)
             if n:
                 exits[ExitReason.name_of(reason)] = n
-        r = self._result
+        r = self.control.result
         r.wall_s = wall
         r.exits = exits
         r.vcpus = len(self.vcpus)
@@ -257,49 +247,38 @@ class Machine:
         r.exposure = self.memory.exposure_report()
         r.memory_notes = list(self.memory.notes)
         r.console_bytes = self.serial.transmitted
+        r.console_dropped = self.console.dropped
         return r
 
-    # -- stopping (called from vCPU threads) --------------------------------
+    # -- stopping ------------------------------------------------------------------------
     def stop(self, status: int, reason: str, detail: str = "") -> None:
         """End the run; the first call decides the result. Safe from any thread."""
-        with self._lock:
-            if self._result is not None:
-                return
-            self._result = RunResult(status=status, reason=reason, detail=detail)
-        self.stopping.set()
-        self.attention.set()
-        self.gate.wake()
-        self._kick_all()
+        self.control.stop(status, reason, detail)
 
     def _kick_all(self) -> None:
         """Kick every vCPU, including ones whose thread has not started yet (their
         first KVM_RUN then returns at once)."""
+        for i in range(len(self.vcpus)):
+            self._kick_one(i)
+
+    def _kick_one(self, index: int) -> None:
         me = threading.current_thread()
-        threads: list[threading.Thread | None] = [*self._threads]
-        threads += [None] * (len(self.vcpus) - len(threads))
-        for vcpu, t in zip(self.vcpus, threads, strict=True):
-            vcpu.kick(t.ident if t is not None and t is not me and t.is_alive() else None)
+        t = self._threads[index] if index < len(self._threads) else None
+        alive = t is not None and t is not me and t.is_alive()
+        self.vcpus[index].kick(t.ident if alive and t is not None else None)
 
     def vcpu_halted(self, index: int) -> None:
+        """A vCPU halted (a HLT exit, without an in-kernel LAPIC)."""
         with self._lock:
             self._halted.add(index)
             everyone = len(self._halted) == len(self.vcpus)
         if everyone:
             self.stop(EXIT_OK, "all vCPUs halted")
 
-    def _guest_exit(self, value: int) -> None:
-        self.stop(value & 0xFF, f"guest exited with status {value}")
+    def _all_idle(self) -> None:
+        self.stop(EXIT_OK, "all vCPUs halted")
 
-    # -- pause, resume, state (called from a controller thread) -------------
-    @property
-    def devices(self) -> dict[str, Device]:
-        """Every device by name: the ones whose state a snapshot carries."""
-        found: dict[str, Device] = {}
-        for bus in (self.pio_bus, self.mmio_bus):
-            for mapping in bus.mappings():
-                found[mapping.device.name] = mapping.device
-        return found
-
+    # -- pause and resume (from a controller thread) -------------------------------------
     @property
     def running(self) -> bool:
         return bool(self._threads) and not self.stopping.is_set()
@@ -308,28 +287,45 @@ class Machine:
     def paused(self) -> bool:
         return self.gate.paused
 
-    def request_pause(self) -> None:
+    def request_pause(self, holder: str = USER) -> None:
         """Ask every vCPU to stop at its next clean point; does not wait (safe from a
         device handler running on a vCPU thread)."""
         enter_phase("pause")
-        self.gate.request(self._kick_all)
+        self.gate.hold(holder, self._kick_all)
 
-    def pause(self, timeout_s: float = 10.0) -> None:
-        """Stop every vCPU at a clean point (no exit half-done) and wait for it."""
+    def pause(self, timeout_s: float = 10.0, holder: str = USER) -> None:
+        """Stop every vCPU at a clean point (no exit half-done), and the event loop
+        between callbacks, and wait for it. Pauses are held by `holder`: the machine
+        runs again once every holder resumed it."""
         if not self.running:
             raise KvmkitError("the machine is not running, so it cannot be paused")
         enter_phase("pause")
-        self.gate.pause(self._kick_all, timeout_s)
+        self.gate.pause(holder, self._kick_all, timeout_s)
+        self._sync_events()
 
-    def resume(self) -> None:
+    def resume(self, holder: str = USER) -> bool:
+        """Drop `holder`'s pause; False if it held none."""
         enter_phase("resume")
-        self.gate.resume()
+        released = self.gate.release(holder)
+        self._sync_events()
+        return released
+
+    def _sync_events(self) -> None:
+        """The event loop is held exactly while some holder pauses the vCPUs."""
+        with self._lock:
+            want = bool(self.gate.holders)
+            if want and not self._events_held:
+                self.events.hold()
+            elif not want and self._events_held:
+                self.events.release()
+            self._events_held = want
 
     def status(self) -> dict[str, Any]:
         state = "stopped" if self.stopping.is_set() else "paused" if self.paused else "running"
         if not self._threads and state == "running":
             state = "created"
         assert self.memory is not None
+        result = self.control.result
         return {
             "state": state,
             "vcpus": len(self.vcpus),
@@ -337,116 +333,26 @@ class Machine:
             "backend": self.memory.backend_name,
             "populated_bytes": self.memory.populated_bytes(),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0,
+            "paused_by": self.gate.holders,
             "restored_from": self.restored_from,
-            "result": self._result.reason if self._result else None,
+            "migrated_from": self.migrated_from,
+            "result": result.reason if result else None,
         }
 
-    def state_description(self) -> dict[str, Any]:
-        """What a snapshot records about this machine besides KVM and device state."""
-        assert self.memory is not None
-        c = self.config
-        return {
-            "memory_bytes": self.memory.size_bytes,
-            "vcpus": len(self.vcpus),
-            "backend": self.memory.backend_name,
-            "hugepage_size": c.hugepage_size,
-            "guest": c.guest,
-            "guest_arg": c.guest_arg,
-            "mode": c.cpu_mode,
-            "irqchip": c.irqchip,
-            "pit": c.irqchip,
-            "regions": [[r.slot, r.gpa, r.size, r.offset] for r in self.memory.regions],
-            "summary": (
-                f"{len(self.vcpus)} vCPU, {format_size(self.memory.size_bytes)}"
-                f" {self.memory.backend_name}, guest {c.guest}"
-            ),
-        }
-
-    def snapshot(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        resume: bool = False,
-        compress_level: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> SnapshotReport:
-        """Pause, write a snapshot, then resume if `resume` (else stay paused). If
-        writing fails, the machine returns to how it was (running or paused) and no
-        file is left."""
-        enter_phase("snapshot")
-        if self.memory is not None and self.memory.hidden:
-            raise KvmUnsupportedError(
-                "snapshot", "guest memory is hidden from kvmkit, so it cannot be saved"
-            )
-        if self.lazy is not None:
-            self.lazy.finish()  # a snapshot needs every page of the one it came from
-        was_paused = self.paused
-        self.pause()
-        try:
-            self.serial.flush()
-            report = snapshot_file.save(path, self, compress_level, progress)
-        except BaseException:
-            if not was_paused:
-                self.resume()
-            raise
-        if resume:
-            self.resume()
-        return report
-
-    @classmethod
-    def restore(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        memory_backend: str | None = None,
-        console: str | None = None,
-        console_stream: BinaryIO | None = None,
-        lazy: bool = False,
-        prefetch: bool = True,
-        progress: ProgressFn | None = None,
-    ) -> "Machine":
-        """A machine that continues the snapshot at `path` when `run()`. Every section
-        is verified before the machine is built or any guest code runs."""
-        enter_phase("restore")
-        snap = snapshot_file.SnapshotFile(path)
-        try:
-            saved = snap.saved
-            m = saved.machine
-            backend = memory_backend or str(m["backend"])
-            with Kvm() as kvm:
-                warnings = check_host(saved.header, kvm, backend, f"snapshot {path}")
-            config = config_from_description(m, backend, console)
-            machine = cls(config, console_stream, saved=saved)
-            try:
-                assert machine.memory is not None
-                if lazy:
-                    machine.lazy = start_lazy_restore(snap, machine.memory, prefetch)
-                    snap = None  # the lazy loader owns the file now
-                    machine.lazy.on_error = lambda why: machine.stop(EXIT_HOST_ERROR, why)
-                else:
-                    read_memory(snap.reader, machine.memory, saved.memory_index, progress)
-            except BaseException:
-                machine.close()
-                raise
-            machine.restored_from = str(path)
-            machine.restore_notes = warnings
-            return machine
-        finally:
-            if snap is not None:
-                snap.close()
-
-    def load_state(self, saved: SavedMachine) -> None:
-        """Load VM, vCPU and device state into a machine built for an incoming
-        migration (`Machine(config, saved=<description only>)`), before `run()`."""
-        assert self.vm is not None
-        apply_machine(saved, self.vm, self.vcpus, self.devices)
-
-    # -- teardown ---------------------------------------------------------
+    # -- teardown ------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every fd and mapping this machine opened. Idempotent."""
+        """Close every fd, mapping and thread this machine owns. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._threads and not self.stopping.is_set():
+            self.stop(EXIT_OK, "closed")
         if self.lazy is not None:
             self.lazy.close()
             self.lazy = None
+        self.device_manager.close()
+        self.events.close()
+        self.console.close()
         for vcpu in self.vcpus:
             vcpu.close()
         if self.memory is not None:
@@ -458,9 +364,6 @@ class Machine:
         if self.kvm is not None:
             self.kvm.close()
             self.kvm = None
-        if self._console_file is not None:
-            self._console_file.close()
-            self._console_file = None
 
     def __enter__(self) -> "Machine":
         return self
@@ -472,3 +375,21 @@ class Machine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _idle_for_good(vcpu: Vcpu) -> bool:
+    """Halted with interrupts off, or an AP never started: nothing will wake it."""
+    try:
+        state = vcpu.get_mp_state()
+        if state in WAITING_FOR_SIPI:
+            return True
+        return state == KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF
+    except KvmError:
+        return False
+
+
+def _registers(vcpu: Vcpu) -> str:
+    try:
+        return format_registers(vcpu.get_regs(), vcpu.get_sregs())
+    except KvmError as e:
+        return f"  (registers unavailable: {e})"

@@ -3,7 +3,12 @@
 A pause sets `attention` and kicks each vCPU (immediate_exit plus a signal). A vCPU
 leaves KVM_RUN with EINTR; KVM completes any pending port or MMIO exit before it
 honours immediate_exit, so after that EINTR nothing is half-done and the vCPU's state
-can be read or saved. The thread then parks here until `resume()`.
+can be read or saved. The thread then parks here until the pause is over.
+
+Pauses are holds, by holder: a snapshot, a migration, the auto-converge throttle and
+a user (`ctl pause`) each hold the gate under their own name, and the vCPUs run again
+only when no hold is left. So one client's resume never cancels another's pause,
+and a pause that timed out is withdrawn at once (it never takes effect later).
 """
 
 import threading
@@ -11,6 +16,8 @@ from collections.abc import Callable
 
 from kvmkit.errors import KvmkitError
 from kvmkit.kvm import Vcpu
+
+USER = "user"
 
 
 class PauseTimeout(KvmkitError):
@@ -22,7 +29,7 @@ class PauseGate:
         self.attention = attention
         self.stopping = stopping
         self._cond = threading.Condition()
-        self._wanted = False
+        self._holds: dict[str, int] = {}
         self._parked: set[int] = set()
         self._gone: set[int] = set()
         self._expected: set[int] = set()
@@ -33,9 +40,18 @@ class PauseGate:
 
     @property
     def paused(self) -> bool:
-        """True once every running vCPU thread is parked."""
+        """True once a pause is held and every running vCPU thread is parked."""
         with self._cond:
-            return self._wanted and self._all_parked()
+            return bool(self._holds) and self._all_parked()
+
+    @property
+    def holders(self) -> list[str]:
+        with self._cond:
+            return sorted(self._holds)
+
+    def held_by(self, holder: str) -> bool:
+        with self._cond:
+            return holder in self._holds
 
     def _all_parked(self) -> bool:
         return self._expected <= self._parked | self._gone
@@ -43,12 +59,12 @@ class PauseGate:
     # -- vCPU threads ---------------------------------------------------------------
     def park(self, vcpu: Vcpu) -> bool:
         """Called by a vCPU thread after KVM_RUN gave EINTR with `attention` set. Waits
-        while a pause is wanted; returns False when the machine is stopping."""
+        while a pause is held; returns False when the machine is stopping."""
         with self._cond:
-            if self._wanted and not self.stopping.is_set():
+            if self._holds and not self.stopping.is_set():
                 self._parked.add(vcpu.index)
                 self._cond.notify_all()
-                while self._wanted and not self.stopping.is_set():
+                while self._holds and not self.stopping.is_set():
                     self._cond.wait()
                 self._parked.discard(vcpu.index)
             vcpu.run_struct.immediate_exit = 0
@@ -63,33 +79,53 @@ class PauseGate:
             self._cond.notify_all()
 
     # -- controllers ----------------------------------------------------------------
-    def request(self, kick: Callable[[], None]) -> None:
-        """Ask every vCPU to park, without waiting (safe from a device handler)."""
+    def hold(self, holder: str, kick: Callable[[], None]) -> None:
+        """Take (or keep) `holder`'s hold and ask every vCPU to park; does not wait
+        (safe from a device handler on a vCPU thread)."""
         with self._cond:
-            self._wanted = True
+            self._holds[holder] = self._holds.get(holder, 0) + 1
             self.attention.set()
         kick()
 
-    def pause(self, kick: Callable[[], None], timeout_s: float = 10.0) -> None:
-        """Park every vCPU and wait until they are all parked."""
-        self.request(kick)
+    def pause(self, holder: str, kick: Callable[[], None], timeout_s: float = 10.0) -> None:
+        """Hold the gate for `holder` and wait until every vCPU is parked. On a timeout
+        the hold is withdrawn before PauseTimeout is raised."""
+        already = self.held_by(holder)
+        self.hold(holder, kick)
         with self._cond:
-            if not self._cond.wait_for(
+            if already:  # one hold per holder: a second pause by it changes nothing
+                self._drop(holder)
+            done = self._cond.wait_for(
                 lambda: self._all_parked() or self.stopping.is_set(), timeout_s
-            ):
+            )
+            if not done:
                 missing = sorted(self._expected - self._parked - self._gone)
+                self._drop(holder)
                 raise PauseTimeout(
-                    f"vCPUs {missing} did not stop within {timeout_s:g} s of the pause request"
+                    f"vCPUs {missing} did not stop within {timeout_s:g} s of the pause request;"
+                    " the pause was withdrawn"
                 )
+
+    def release(self, holder: str) -> bool:
+        """Drop `holder`'s hold; the vCPUs go on once no hold is left. False if it
+        held none."""
+        with self._cond:
+            if holder not in self._holds:
+                return False
+            self._drop(holder)
+            return True
+
+    def _drop(self, holder: str) -> None:
+        left = self._holds.get(holder, 0) - 1
+        if left > 0:
+            self._holds[holder] = left
+        else:
+            self._holds.pop(holder, None)
+        if not self._holds and not self.stopping.is_set():
+            self.attention.clear()
+        self._cond.notify_all()
 
     def wake(self) -> None:
         """Wake parked threads so they see `stopping`."""
         with self._cond:
-            self._cond.notify_all()
-
-    def resume(self) -> None:
-        with self._cond:
-            self._wanted = False
-            if not self.stopping.is_set():
-                self.attention.clear()
             self._cond.notify_all()

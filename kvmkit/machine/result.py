@@ -25,6 +25,7 @@ class RunResult:
     backend_reason: str = ""
     host_mapped_bytes: int = 0
     console_bytes: int = 0
+    console_dropped: int = 0  # output the console's reader did not take in time
     populated_bytes: int = 0
     exposure: str = ""
     memory_notes: list[str] = field(default_factory=list)

@@ -1,27 +1,177 @@
-"""The per-vCPU thread: KVM_RUN, dispatch the exit, repeat. This is the hot path."""
+"""The per-vCPU loop: KVM_RUN, dispatch the exit from a table, repeat. The hot path.
 
-import ctypes
+The loop knows nothing of KVM beyond `VcpuPort`: a prebound runner returning exit
+reasons and a view that decodes exits (kvmkit/kvm/exits.py). A machine builds one
+from a real vCPU; a unit test builds one from scripted fake exits.
+"""
+
 import errno
-import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-from kvmkit import faults, libc
-from kvmkit.arch.x86.registers import format_registers
+from kvmkit import faults
 from kvmkit.devices.bus import Bus, Mapping
-from kvmkit.kvm import KvmError, Vcpu
+from kvmkit.kvm import KvmError
+from kvmkit.kvm.exits import (
+    DIRTY_RING_FULL,
+    FAIL_ENTRY,
+    HLT,
+    INTERNAL_ERROR,
+    INTR,
+    IO,
+    MMIO,
+    NR_REASONS,
+    SHUTDOWN,
+    SYSTEM_EVENT,
+    ExitView,
+    IoExit,
+    MmioExit,
+)
 from kvmkit.machine.result import EXIT_GUEST_CRASH, EXIT_HOST_ERROR, EXIT_OK
-from kvmkit.uapi import ioctls
-from kvmkit.uapi.exits import ExitReason as X
-from kvmkit.uapi.exits import InternalErrorSuberror, SystemEventType
+from kvmkit.uapi.exits import ExitReason, InternalErrorSuberror, SystemEventType
 
-if TYPE_CHECKING:
-    from kvmkit.machine.machine import Machine
+Handler = Callable[[], bool]  # handles the current exit; False ends this vCPU's loop
+StopFn = Callable[[int, str, str], None]
 
-_IO = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data, len, is_write
-_EXIT_UNION = 32
-_NR_REASONS = 64
+
+@dataclass
+class VcpuPort:
+    """One vCPU as the loop sees it, and what the machine does on its behalf."""
+
+    index: int
+    run: Callable[[], int]  # KVM_RUN; returns the exit reason (INTR for a kick)
+    exits: ExitView
+    pio: Bus
+    mmio: Bus
+    stopping: Callable[[], bool]
+    stop: StopFn  # (status, reason, detail): ends the machine; the first call wins
+    on_kick: Handler  # KVM_RUN was interrupted (pause, stop, halt check)
+    on_hlt: Handler  # a HLT exit (only without an in-kernel LAPIC)
+    describe: Callable[[], str] = lambda: ""  # the registers, for crash reports
+    on_ring_full: Callable[[], None] | None = None
+    device_faults: bool = False  # consult the fault plan's device.io site per access
+    ignore_unclaimed: bool = False  # an access no device claims: ignore it (reads get ~0)
+    unclaimed: int = 0  # how many were ignored
+    counts: list[int] = field(default_factory=lambda: [0] * NR_REASONS)
+
+
+def run_vcpu(port: VcpuPort) -> None:
+    """Run until the machine stops or this vCPU is done. Never raises: every failure
+    stops the machine with a reason."""
+    who = f"vCPU {port.index}"
+    try:
+        _loop(port)
+    except KvmError as e:
+        port.stop(EXIT_HOST_ERROR, f"{who}: {e}", "")
+    except OSError as e:  # a device's backing file, or an injected device fault
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        where = e.filename or "device"
+        port.stop(EXIT_HOST_ERROR, f"{who}: {where}: {e.strerror} ({name})", "")
+    except Exception as e:  # a device or kvmkit bug: report it, never hang the machine
+        port.stop(EXIT_HOST_ERROR, f"{who}: internal error: {type(e).__name__}: {e}", "")
+
+
+def handlers(port: VcpuPort) -> dict[int, Handler]:
+    """The dispatch table: exit reason -> handler of the current exit."""
+    exits, pio, mmio = port.exits, port.pio, port.mmio
+    pio_cache: dict[int, Mapping] = {}
+    mmio_cache: dict[int, Mapping] = {}
+    checked = port.device_faults
+
+    def on_io() -> bool:
+        e = exits.io()
+        m = pio_cache.get(e.port)
+        if m is None or e.port + e.size > m.end:
+            m = _lookup(pio, pio_cache, e.port, e.size)
+            if m is None:
+                return _unclaimed_io(port, e)
+        if checked:
+            _device_fault(m, e.port)
+        dev, rel = m.device, e.port - m.base
+        if e.out:
+            for i in range(e.accesses):
+                dev.write(rel, e.size, exits.io_value(e, i))
+        else:
+            for i in range(e.accesses):
+                exits.complete_io_in(e, i, dev.read(rel, e.size))
+        return True
+
+    def on_mmio() -> bool:
+        e = exits.mmio()
+        m = mmio_cache.get(e.addr)
+        if m is None or e.addr + e.length > m.end:
+            m = _lookup(mmio, mmio_cache, e.addr, e.length)
+            if m is None:
+                return _unclaimed_mmio(port, e)
+        if checked:
+            _device_fault(m, e.addr)
+        if e.is_write:
+            m.device.write(e.addr - m.base, e.length, int.from_bytes(e.data, "little"))
+        else:
+            exits.complete_mmio_read(e, m.device.read(e.addr - m.base, e.length))
+        return True
+
+    table: dict[int, Handler] = {IO: on_io, MMIO: on_mmio, INTR: port.on_kick, HLT: port.on_hlt}
+    if port.on_ring_full is not None:
+        harvest = port.on_ring_full
+
+        def on_ring_full() -> bool:
+            harvest()  # KVM re-enters once the ring has room
+            return True
+
+        table[DIRTY_RING_FULL] = on_ring_full
+    return table
+
+
+def _loop(port: VcpuPort) -> None:
+    table = handlers(port)
+    get = table.get
+    run, stopping, counts = port.run, port.stopping, port.counts
+    while not stopping():
+        reason = run()
+        counts[reason if reason < NR_REASONS else 0] += 1
+        handler = get(reason)
+        if handler is None:
+            status, why = ending_exit(port.exits, reason)
+            port.stop(
+                status, f"vCPU {port.index}: {why}", "" if status == EXIT_OK else port.describe()
+            )
+            return
+        if not handler():
+            return
+
+
+def ending_exit(exits: ExitView, reason: int) -> tuple[int, str]:
+    """The run status and reason for an exit that ends the machine."""
+    if reason == SHUTDOWN:
+        return EXIT_GUEST_CRASH, "guest shut down (KVM_EXIT_SHUTDOWN: triple fault)"
+    if reason == INTERNAL_ERROR:
+        err = exits.internal_error()
+        try:
+            sub = InternalErrorSuberror(err.suberror).name
+        except ValueError:
+            sub = str(err.suberror)
+        data = " ".join(f"{d:#x}" for d in err.data)
+        return EXIT_GUEST_CRASH, f"KVM internal error, suberror {sub}" + (
+            f", data {data}" if data else ""
+        )
+    if reason == FAIL_ENTRY:
+        return (
+            EXIT_GUEST_CRASH,
+            f"VM entry failed, hardware reason {exits.fail_entry_reason():#x}",
+        )
+    if reason == SYSTEM_EVENT:
+        event = exits.system_event().type
+        if event == SystemEventType.SHUTDOWN:
+            return EXIT_OK, "guest powered off"
+        if event == SystemEventType.RESET:
+            return EXIT_OK, "guest asked for a reset; stopped instead"
+        try:
+            label = SystemEventType(event).name
+        except ValueError:
+            label = str(event)
+        return EXIT_GUEST_CRASH, f"system event {label}"
+    return EXIT_GUEST_CRASH, f"unhandled exit reason {ExitReason.name_of(reason)} ({reason})"
 
 
 def _lookup(bus: Bus, cache: dict[int, Mapping], addr: int, size: int) -> Mapping | None:
@@ -30,42 +180,6 @@ def _lookup(bus: Bus, cache: dict[int, Mapping], addr: int, size: int) -> Mappin
     if m is not None:
         cache[addr] = m
     return m
-
-
-def run_vcpu(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
-    """Run `vcpu` until the machine stops or this vCPU halts. Never raises: every
-    failure stops the machine with a reason."""
-    try:
-        _loop(machine, vcpu, counts)
-    except KvmError as e:
-        machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: {e}")
-    except OSError as e:  # a device's backing file, or an injected device fault
-        name = errno.errorcode.get(e.errno or 0, str(e.errno))
-        machine.stop(
-            EXIT_HOST_ERROR, f"vCPU {vcpu.index}: {e.filename or 'device'}: {e.strerror} ({name})"
-        )
-    except Exception as e:  # a device or kvmkit bug: report it, never hang the machine
-        machine.stop(EXIT_HOST_ERROR, f"vCPU {vcpu.index}: internal error: {type(e).__name__}: {e}")
-    finally:
-        machine.gate.gone(vcpu.index)
-
-
-def _faulty(raw: Callable[..., int], vcpu: Vcpu) -> Callable[..., int]:
-    """KVM_RUN through the active fault plan (chosen once per loop, so a run without a
-    plan pays nothing): a planned errno fails the call as the kernel would; a planned
-    guest event is delivered to the vCPU just before it enters."""
-
-    def run(fd: int, request: ctypes.c_ulong, arg: ctypes.c_ulong) -> int:
-        rule = faults.planned_rule("ioctl:KVM_RUN")
-        if rule is not None:
-            if rule.event is not None:
-                faults.deliver(vcpu, rule.event)
-            elif err := faults.errno_after_delay(rule):
-                ctypes.set_errno(err)
-                return -1
-        return raw(fd, request, arg)
-
-    return run
 
 
 def _device_fault(mapping: Mapping, addr: int) -> None:
@@ -77,163 +191,41 @@ def _device_fault(mapping: Mapping, addr: int) -> None:
         raise OSError(e.errno, e.strerror, f"device {mapping.device.name} at {addr:#x}") from None
 
 
-def _loop(machine: "Machine", vcpu: Vcpu, counts: list[int]) -> None:
-    checked = faults.active() is not None
-    ioctl = _faulty(libc.raw_ioctl, vcpu) if checked else libc.raw_ioctl
-    fd = vcpu.fd
-    request = ctypes.c_ulong(ioctls.KVM_RUN)
-    zero = ctypes.c_ulong(0)
-    run = vcpu.run_struct
-    page = vcpu.run_page
-    stopping = machine.stopping.is_set
-    attention = machine.attention.is_set
-    pio, pio_cache = machine.pio_bus, dict[int, Mapping]()
-    mmio, mmio_cache = machine.mmio_bus, dict[int, Mapping]()
-    unpack_io = _IO.unpack_from
-    from_bytes = int.from_bytes
-    IO, MMIO, HLT, INTR = int(X.IO), int(X.MMIO), int(X.HLT), int(X.INTR)  # ints: faster ==
-    RING_FULL = int(X.DIRTY_RING_FULL)
-
-    while not stopping():
-        if ioctl(fd, request, zero) < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR or err == errno.EAGAIN:
-                counts[INTR] += 1
-                # A kick: KVM has completed any pending exit, so the vCPU is settled.
-                if attention() and not machine.gate.park(vcpu):
-                    return
-                continue
-            raise KvmError("KVM_RUN", err)
-        reason = run.exit_reason
-        counts[reason if reason < _NR_REASONS else 0] += 1
-
-        if reason == IO:
-            out, size, port, count, offset = unpack_io(page, _EXIT_UNION)
-            m = pio_cache.get(port)
-            if m is None or port + size > m.end:
-                m = _lookup(pio, pio_cache, port, size)
-            if m is None:
-                _unclaimed(machine, vcpu, "port", port, size, out, page, offset)
-                return
-            if checked:
-                _device_fault(m, port)
-            dev, rel = m.device, port - m.base
-            if out:
-                if count == 1 and size == 1:
-                    dev.write(rel, 1, page[offset])
-                else:
-                    for i in range(count):
-                        at = offset + i * size
-                        dev.write(rel, size, from_bytes(page[at : at + size], "little"))
-            else:
-                for i in range(count):
-                    at = offset + i * size
-                    page[at : at + size] = (dev.read(rel, size) & ((1 << (8 * size)) - 1)).to_bytes(
-                        size, "little"
-                    )
-        elif reason == MMIO:
-            addr, data, length, is_write = _MMIO.unpack_from(page, _EXIT_UNION)
-            m = mmio_cache.get(addr)
-            if m is None or addr + length > m.end:
-                m = _lookup(mmio, mmio_cache, addr, length)
-            if m is None:
-                _unclaimed(machine, vcpu, "MMIO address", addr, length, is_write, page, 40)
-                return
-            if checked:
-                _device_fault(m, addr)
-            if is_write:
-                m.device.write(addr - m.base, length, from_bytes(data[:length], "little"))
-            else:
-                value = m.device.read(addr - m.base, length) & ((1 << (8 * length)) - 1)
-                page[40 : 40 + length] = value.to_bytes(length, "little")
-        elif reason == HLT:
-            machine.vcpu_halted(vcpu.index)
-            return
-        elif reason == INTR:
-            continue
-        elif reason == RING_FULL and machine.dirty_rings is not None:
-            machine.dirty_rings.harvest_full(vcpu.index)  # KVM re-enters once the ring has room
-        else:
-            _stop_on_exit(machine, vcpu, reason)
-            return
-
-
-def _registers(vcpu: Vcpu) -> str:
-    try:
-        return format_registers(vcpu.get_regs(), vcpu.get_sregs())
-    except KvmError as e:
-        return f"  (registers unavailable: {e})"
-
-
-def _unclaimed(
-    machine: "Machine",
-    vcpu: Vcpu,
-    what: str,
-    addr: int,
-    size: int,
-    is_write: int,
-    page: memoryview,
-    data_at: int,
-) -> None:
+def _access(is_write: bool, size: int, value: int) -> str:
+    plural = "s" if size > 1 else ""
     if is_write:
-        value = int.from_bytes(page[data_at : data_at + size], "little")
-        access = f"wrote {value:#x} ({size} byte{'s' if size > 1 else ''}) to"
-    else:
-        access = f"read {size} byte{'s' if size > 1 else ''} from"
-    machine.stop(
+        return f"wrote {value:#x} ({size} byte{plural}) to"
+    return f"read {size} byte{plural} from"
+
+
+def _unclaimed_io(port: VcpuPort, e: IoExit) -> bool:
+    if port.ignore_unclaimed:
+        port.unclaimed += 1
+        if not e.out:
+            for i in range(e.accesses):
+                port.exits.complete_io_in(e, i, -1)
+        return True
+    value = port.exits.io_value(e, 0) if e.out else 0
+    port.stop(
         EXIT_GUEST_CRASH,
-        f"vCPU {vcpu.index} {access} {what} {addr:#x}, which no device claims",
-        _registers(vcpu),
+        f"vCPU {port.index} {_access(e.out, e.size, value)} port {e.port:#x},"
+        " which no device claims",
+        port.describe(),
     )
+    return False
 
 
-def _stop_on_exit(machine: "Machine", vcpu: Vcpu, reason: int) -> None:
-    run = vcpu.run_struct
-    name = X.name_of(reason)
-    if reason == X.SHUTDOWN:
-        machine.stop(
-            EXIT_GUEST_CRASH,
-            f"vCPU {vcpu.index}: guest shut down (KVM_EXIT_SHUTDOWN: triple fault)",
-            _registers(vcpu),
-        )
-    elif reason == X.INTERNAL_ERROR:
-        internal = run.exit.internal
-        try:
-            sub = InternalErrorSuberror(internal.suberror).name
-        except ValueError:
-            sub = str(internal.suberror)
-        data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
-        machine.stop(
-            EXIT_GUEST_CRASH,
-            f"vCPU {vcpu.index}: KVM internal error, suberror {sub}"
-            + (f", data {data}" if data else ""),
-            _registers(vcpu),
-        )
-    elif reason == X.FAIL_ENTRY:
-        fail = run.exit.fail_entry
-        machine.stop(
-            EXIT_GUEST_CRASH,
-            f"vCPU {vcpu.index}: VM entry failed, hardware reason"
-            f" {fail.hardware_entry_failure_reason:#x}",
-            _registers(vcpu),
-        )
-    elif reason == X.SYSTEM_EVENT:
-        event = run.exit.system_event.type
-        if event == SystemEventType.SHUTDOWN:
-            machine.stop(EXIT_OK, f"vCPU {vcpu.index}: guest powered off")
-        elif event == SystemEventType.RESET:
-            machine.stop(EXIT_OK, f"vCPU {vcpu.index}: guest asked for a reset; stopped instead")
-        else:
-            try:
-                label = SystemEventType(event).name
-            except ValueError:
-                label = str(event)
-            machine.stop(
-                EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: system event {label}", _registers(vcpu)
-            )
-    else:
-        machine.stop(
-            EXIT_GUEST_CRASH,
-            f"vCPU {vcpu.index}: unhandled exit reason {name} ({reason})",
-            _registers(vcpu),
-        )
+def _unclaimed_mmio(port: VcpuPort, e: MmioExit) -> bool:
+    if port.ignore_unclaimed:
+        port.unclaimed += 1
+        if not e.is_write:
+            port.exits.complete_mmio_read(e, -1)
+        return True
+    value = int.from_bytes(e.data, "little")
+    port.stop(
+        EXIT_GUEST_CRASH,
+        f"vCPU {port.index} {_access(e.is_write, e.length, value)} MMIO address {e.addr:#x},"
+        " which no device claims",
+        port.describe(),
+    )
+    return False

@@ -132,7 +132,7 @@ class DirtyLog:
             self.ring_losses += 1
             extents, _ = self.memory.populated_extents()
             return [(e.offset, e.length) for e in extents]
-        runs: list[Run] = []
+        runs = []
         for region in self.memory.regions:
             npages = region.size // PAGE_SIZE
             bitmap = self.memory.vm.get_dirty_log(region.slot, npages)

@@ -276,9 +276,10 @@ class GuestMemory:
 
     def prealloc(self) -> None:
         """Allocate every page of guest RAM now (fallocate), under the NUMA policy."""
-        use_thread_policy = self.numa is not None
-        if use_thread_policy:
-            libc.set_mempolicy(self.numa.mpol, self.numa.nodes)
+        numa = self.numa
+        use_thread_policy = numa is not None
+        if numa is not None:
+            libc.set_mempolicy(numa.mpol, numa.nodes)
         try:
             faults.inject("memory.fallocate")
             libc.fallocate(self.backend.fd, libc.FALLOC_FL_KEEP_SIZE, 0, self.size_bytes)

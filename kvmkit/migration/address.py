@@ -66,7 +66,7 @@ def listen(address: Address) -> socket.socket:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        target: object = (address.host, address.port)
+        target: str | tuple[str, int] = (address.host, address.port)
     else:
         claim_unix_path(address.path, "the migration socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

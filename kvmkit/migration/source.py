@@ -36,6 +36,7 @@ from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.migration.address import Address, connect, parse_address
 from kvmkit.migration.channel import Channel
 from kvmkit.migration.pages import PageStats, send_pages
+from kvmkit.records import encode
 from kvmkit.snapshot.format import ITERATION, MACHINE, StreamWriter, pack_json
 from kvmkit.snapshot.machine_state import (
     capture_state,
@@ -52,6 +53,7 @@ DEFAULT_BANDWIDTH_BPS = 1 << 30  # the estimate before a pass has measured the l
 PROGRESS_EVERY_S = 0.1
 ANNOUNCED_RUNS = 4096  # the first pass tells the target its runs, up to this many
 THROTTLE_START, THROTTLE_STEP, THROTTLE_MAX = 0.2, 0.1, 0.99
+MIGRATION, THROTTLE = "migration", "throttle"  # their holds on the machine's pause gate
 
 
 class MigrationError(KvmkitError):
@@ -116,11 +118,11 @@ class Throttle:
         while not self._stop.is_set():
             held = self.PERIOD_S * self.fraction
             try:
-                self.machine.pause()
+                self.machine.pause(holder=THROTTLE)
             except KvmkitError:
                 return
             self._stop.wait(held)
-            self.machine.resume()
+            self.machine.resume(THROTTLE)
             self._stop.wait(self.PERIOD_S - held)
 
     def stop(self) -> None:
@@ -209,10 +211,10 @@ class _SourceMigration:
             self._enter("migration.handshake")
             self.channel = Channel(connect(self.address), self.bandwidth_limit)
             self.writer = StreamWriter(self.channel)
-            description = self.machine.state_description()
+            description = self.machine.description
             items = items_to_capture(self.machine, description)
             self.writer.write_header(header_for(self.machine, "migration", description, items))
-            self.writer.write_section(MACHINE, [pack_json(description)])
+            self.writer.write_section(MACHINE, [pack_json(encode(description))])
             self._expect("ready")
 
             self._enter("migration.precopy")
@@ -225,9 +227,8 @@ class _SourceMigration:
             self._enter("migration.stop-and-copy")
             self.throttle.stop()
             pause_at = time.monotonic()
-            if not self.was_paused:
-                self.machine.pause()
-                self.paused_here = True
+            self.machine.pause(holder=MIGRATION)
+            self.paused_here = True
             # What the last iteration left dirty, and what the guest wrote since.
             runs = merge_runs(left, self.dirty.collect()) if self.dirty.active else left
             self.report.final_dirty_bytes = run_bytes(runs)
@@ -258,12 +259,12 @@ class _SourceMigration:
     def _start_logging(self) -> bool:
         """Dirty logging on; False (and a note) where KVM refuses it."""
         try:
-            if self.dirty.needs_pause and not self.was_paused:
-                self.machine.pause()
+            if self.dirty.needs_pause:
+                self.machine.pause(holder=MIGRATION)
                 try:
                     self.dirty.start()
                 finally:
-                    self.machine.resume()
+                    self.machine.resume(MIGRATION)
             else:
                 self.dirty.start()
         except KvmkitError as e:
@@ -367,6 +368,8 @@ class _SourceMigration:
         if not isinstance(e, KvmkitError | OSError):
             e = KvmkitError(f"internal error: {type(e).__name__}: {e}")
         if self.go_sent and not isinstance(e, TargetDidNotStart):
+            self.machine.request_pause()  # the operator's to resume now: a user's pause
+            self.machine.resume(MIGRATION)
             return MigrationError(
                 f"migration to {self.address} failed after the go ({e}): the target may be"
                 " running, so this VM stays paused; resume it ('kvmkit ctl resume') only if"
@@ -385,12 +388,12 @@ class _SourceMigration:
             return "stopped (it ended during the migration)"
         with contextlib.suppress(KvmkitError):
             if self.dirty.active:
-                if self.dirty.needs_pause and not machine.paused:
-                    machine.pause()
+                if self.dirty.needs_pause and not self.paused_here:
+                    machine.pause(holder=MIGRATION)
                     self.paused_here = True
                 self.dirty.stop()
-        if self.paused_here and not self.was_paused:
-            machine.resume()
+        if self.paused_here:
+            machine.resume(MIGRATION)
         return ("paused" if self.was_paused else "running") + ", unchanged"
 
     # -- helpers ------------------------------------------------------------------------

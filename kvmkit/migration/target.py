@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 from kvmkit.errors import KvmkitError
 from kvmkit.faults import enter_phase
-from kvmkit.kvm import Kvm
-from kvmkit.machine.machine import Machine, config_from_description
+from kvmkit.machine.builder import RestoreOptions, build_from_saved
+from kvmkit.machine.machine import Machine
 from kvmkit.memory import PAGE_SIZE, GuestMemory
 from kvmkit.migration.address import Address, listen, parse_address
 from kvmkit.migration.channel import Channel
@@ -31,12 +31,11 @@ from kvmkit.snapshot.format import (
     unpack_json,
 )
 from kvmkit.snapshot.machine_state import (
-    SavedMachine,
-    check_host,
     expect_section,
     read_machine_description,
     read_state,
 )
+from kvmkit.snapshot.model import MachineDescription, MachineState
 
 GO_TIMEOUT_S = 60.0
 PROGRESS_EVERY_S = 0.1
@@ -102,6 +101,29 @@ def _announced_runs(info: dict[str, Any], memory: GuestMemory) -> list[tuple[int
         ):
             checked.append((run[0], run[1]))
     return checked
+
+
+@dataclass
+class _StreamSource:
+    """The incoming stream as a builder's saved source: once the machine's memory
+    exists, say `ready`, then take pages into it up to the state."""
+
+    incoming: "IncomingMigration"
+    reader: StreamReader
+    header: dict[str, Any]
+    description: MachineDescription
+    progress: ProgressFn | None
+    what: str = "the incoming migration"
+
+    def load(self, memory: GuestMemory) -> MachineState:
+        channel = self.incoming.channel
+        assert channel is not None
+        channel.send_message({"msg": "ready"})
+        enter_phase("migration.precopy")
+        self.incoming._event({"phase": "precopy"}, self.progress, force=True)
+        return self.incoming.read_stream(
+            self.reader, memory, self.header, self.description, self.progress
+        )
 
 
 class IncomingMigration:
@@ -203,35 +225,25 @@ class IncomingMigration:
         if header.get("kind") != "migration":
             raise StreamFormatError(f"the stream is a {header.get('kind')!r}, not a migration")
         description = read_machine_description(reader)
-        backend = memory_backend or str(description["backend"])
-        with Kvm() as kvm:
-            check_host(header, kvm, backend, "the incoming migration")
-        empty = SavedMachine(header, description, {}, [], {})
-        machine = Machine(
-            config_from_description(description, backend, console), console_stream, empty
-        )
+        source = _StreamSource(self, reader, header, description, progress)
+        machine = build_from_saved(source, RestoreOptions(memory_backend, console, console_stream))
         try:
-            assert machine.memory is not None
-            self.channel.send_message({"msg": "ready"})
-            enter_phase("migration.precopy")
-            self._event({"phase": "precopy"}, progress, force=True)
-            saved = self._read_stream(reader, machine.memory, header, description, progress)
-            machine.load_state(saved)
             self.channel.send_message({"msg": "loaded"})
             self._event({"phase": "loaded"}, progress, force=True)
         except BaseException:
             machine.close()
             raise
+        machine.migrated_from = self.report.source
         return machine
 
-    def _read_stream(
+    def read_stream(
         self,
         reader: StreamReader,
         memory: GuestMemory,
         header: dict[str, Any],
-        description: dict[str, Any],
+        description: MachineDescription,
         progress: ProgressFn | None,
-    ) -> SavedMachine:
+    ) -> MachineState:
         """Pages into `memory`, then the state, up to END; every section verified."""
         report = self.report
         stats = PageStats()
@@ -270,7 +282,7 @@ class IncomingMigration:
                     continue
                 self._event({"phase": phase}, progress, force=True)
             enter_phase("migration.state")
-            vm, vcpus, devices = read_state(reader, int(description["vcpus"]))
+            state = read_state(reader, header, description)
             expect_section(reader, END, "end marker")
         except BaseException:
             if populator is not None:
@@ -278,7 +290,7 @@ class IncomingMigration:
             raise
         if populator is not None:
             populator.stop(wait=False)
-        return SavedMachine(header, description, vm, vcpus, devices)
+        return state
 
     def _refuse(self, why: str) -> None:
         if self.channel is not None:

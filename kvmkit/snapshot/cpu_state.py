@@ -10,6 +10,7 @@ general ones and MSRs, the lapic before MSRs (TSC deadline), events and mp_state
 import ctypes
 import errno
 import struct
+from typing import TypeVar
 
 from kvmkit.kvm import KvmError, Vcpu, Vm
 from kvmkit.snapshot.format import StreamFormatError
@@ -99,8 +100,12 @@ def capture_vcpu(vcpu: Vcpu, msrs: list[int], irqchip: bool) -> dict[str, bytes]
     return state
 
 
-def _struct(state: dict[str, bytes], name: str, label: str) -> ctypes.Structure:
-    cls = VCPU_STRUCTS.get(name) or VM_STRUCTS[name]
+S = TypeVar("S", bound=ctypes.Structure)
+
+
+def _struct(state: dict[str, bytes], name: str, label: str, cls: type[S]) -> S:
+    """Item `name` as a `cls`, its size checked (the tables above name each item's)."""
+    assert (VCPU_STRUCTS.get(name) or VM_STRUCTS[name]) is cls
     data = state[name]
     if len(data) != ctypes.sizeof(cls):
         raise StreamFormatError(
@@ -122,16 +127,16 @@ def apply_vcpu(vcpu: Vcpu, state: dict[str, bytes], label: str) -> None:
     vcpu.set_cpuid(
         [kvm_cpuid_entry2.from_buffer_copy(cpuid, i) for i in range(0, len(cpuid), size)]
     )
-    vcpu.set_sregs(_struct(state, "sregs", label))
-    vcpu.set_regs(_struct(state, "regs", label))
+    vcpu.set_sregs(_struct(state, "sregs", label, kvm_sregs))
+    vcpu.set_regs(_struct(state, "regs", label, kvm_regs))
     if "xsave" in state:
-        vcpu.set_xsave(_struct(state, "xsave", label))
+        vcpu.set_xsave(_struct(state, "xsave", label, kvm_xsave))
     elif "fpu" in state:
-        vcpu.set_fpu(_struct(state, "fpu", label))
+        vcpu.set_fpu(_struct(state, "fpu", label, kvm_fpu))
     if "xcrs" in state:
-        vcpu.set_xcrs(_struct(state, "xcrs", label))
+        vcpu.set_xcrs(_struct(state, "xcrs", label, kvm_xcrs))
     if "lapic" in state:
-        vcpu.set_lapic(_struct(state, "lapic", label))
+        vcpu.set_lapic(_struct(state, "lapic", label, kvm_lapic_state))
     raw = state["msrs"]
     if len(raw) % _MSR.size:
         raise StreamFormatError(f"{label}: msrs is not a whole number of entries")
@@ -149,11 +154,11 @@ def apply_vcpu(vcpu: Vcpu, state: dict[str, bytes], label: str) -> None:
             "KVM_SET_MSRS", e.errno or errno.EINVAL, f"{label}: {e.hint or 'an MSR was refused'}"
         ) from None
     if "events" in state:
-        vcpu.set_vcpu_events(_struct(state, "events", label))
+        vcpu.set_vcpu_events(_struct(state, "events", label, kvm_vcpu_events))
     if "mp_state" in state:
         vcpu.set_mp_state(_U32.unpack(state["mp_state"])[0])
     if "debugregs" in state:
-        vcpu.set_debugregs(_struct(state, "debugregs", label))
+        vcpu.set_debugregs(_struct(state, "debugregs", label, kvm_debugregs))
 
 
 def capture_vm(vm: Vm, irqchip: bool, pit: bool) -> dict[str, bytes]:
@@ -171,12 +176,11 @@ def capture_vm(vm: Vm, irqchip: bool, pit: bool) -> dict[str, bytes]:
 def apply_vm(vm: Vm, state: dict[str, bytes], label: str) -> None:
     for name in IRQCHIPS:
         if name in state:
-            vm.set_irqchip(_struct(state, name, label))
+            vm.set_irqchip(_struct(state, name, label, kvm_irqchip))
     if "pit2" in state:
-        vm.set_pit2(_struct(state, "pit2", label))
+        vm.set_pit2(_struct(state, "pit2", label, kvm_pit_state2))
     if "clock" in state:
-        clock = _struct(state, "clock", label)
-        assert isinstance(clock, kvm_clock_data)
+        clock = _struct(state, "clock", label, kvm_clock_data)
         # Continue the guest's clock from the saved value; the host-specific
         # realtime/host_tsc pairs do not carry over to another process or host.
         vm.set_clock(kvm_clock_data(clock=clock.clock))

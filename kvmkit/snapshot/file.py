@@ -13,6 +13,7 @@ from typing import Any
 
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import inject
+from kvmkit.records import encode
 from kvmkit.snapshot.format import (
     FLAG_ZSTD,
     MEMORY,
@@ -207,7 +208,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
             "file_bytes": snap.size_bytes,
             "format_version": reader.version,
             "header": snap.saved.header,
-            "machine": snap.saved.machine,
+            "machine": encode(snap.saved.description),
             "sections": sections,
             "memory": memory,
             "checksums": f"{reader.sections} sections and the header verified",

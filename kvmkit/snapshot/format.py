@@ -143,21 +143,21 @@ class StreamWriter:
     ) -> None:
         """One section whose payload is the concatenation of `parts` (written as given,
         without copying, unless compressed)."""
-        parts = [memoryview(p).cast("B") for p in parts]
-        raw = sum(len(p) for p in parts)
+        views = [memoryview(p).cast("B") for p in parts]
+        raw = sum(len(p) for p in views)
         flags = 0
         if compress and self._compressor is not None:
-            packed = self._compressor.compress(b"".join(parts))
+            packed = self._compressor.compress(b"".join(views))
             if len(packed) < raw:
-                parts, flags = [memoryview(packed)], FLAG_ZSTD
-        stored = sum(len(p) for p in parts)
+                views, flags = [memoryview(packed)], FLAG_ZSTD
+        stored = sum(len(p) for p in views)
         head = _SECTION.pack(tag, flags, 0, stored, raw)
         self._write(head + _CRC.pack(zlib.crc32(head)))
         crc = 0
         if stored >= PARALLEL_CRC_BYTES:
-            crc = self._parallel_crc(parts)
+            crc = self._parallel_crc(views)
         else:
-            for p in parts:
+            for p in views:
                 self._write(p)
                 crc = zlib.crc32(p, crc)
         self._write(_CRC.pack(crc))
@@ -395,7 +395,7 @@ class StreamReader:
             )
         self.ended = True
 
-    def skip_payload(self, head: SectionHead, seek: Callable[[int], None] | None = None) -> None:
+    def skip_payload(self, head: SectionHead, seek: Callable[[int], object] | None = None) -> None:
         """Move past a payload without verifying it: with `seek` (files), or by reading."""
         size = head.stored_bytes + _CRC.size
         if seek is not None:

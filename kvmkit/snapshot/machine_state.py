@@ -19,6 +19,7 @@ from kvmkit.devices.bus import Device
 from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu, Vm
 from kvmkit.kvm.system import kvm_backend
 from kvmkit.memory import GuestMemory
+from kvmkit.records import encode
 from kvmkit.snapshot import cpu_state
 from kvmkit.snapshot.format import (
     DEVICES,
@@ -36,6 +37,13 @@ from kvmkit.snapshot.format import (
     unpack_json,
 )
 from kvmkit.snapshot.memory_image import Extent, chunked, pack_index, unpack_index
+from kvmkit.snapshot.model import (
+    DeviceRecord,
+    MachineDescription,
+    MachineState,
+    decode_description,
+    decode_devices,
+)
 from kvmkit.uapi.caps import Cap
 
 # Capabilities whose state a stream carries, by the state item that needs them.
@@ -63,22 +71,16 @@ class Capturable(Protocol):
     vm: Vm | None
     memory: GuestMemory | None
     vcpus: list[Vcpu]
+    description: MachineDescription
 
     @property
     def devices(self) -> dict[str, Device]: ...
 
-    def state_description(self) -> dict[str, Any]: ...
-
 
 @dataclass
-class SavedMachine:
-    """Everything of a stream except the memory contents."""
+class SavedMachine(MachineState):
+    """A whole stream's state but the memory contents, with the memory index."""
 
-    header: dict[str, Any]
-    machine: dict[str, Any]
-    vm: dict[str, bytes]
-    vcpus: list[dict[str, bytes]]
-    devices: dict[str, Any]
     memory_index: list[Extent] = field(default_factory=list)
 
 
@@ -94,7 +96,7 @@ ProgressFn = Callable[[int, int], None]
 
 # -- writing ----------------------------------------------------------------------------
 def header_for(
-    machine: Capturable, kind: str, description: dict[str, Any], items: Iterable[str]
+    machine: Capturable, kind: str, description: MachineDescription, items: Iterable[str]
 ) -> dict[str, Any]:
     """The stream header; `items` are the names of the state items the stream holds,
     whose capabilities a restoring host must have."""
@@ -110,7 +112,7 @@ def header_for(
         "kernel": os.uname().release,
         "kvm_backend": kvm_backend(),
         "requires": {name: machine.kvm.check_extension(Cap[name]) for name in sorted(caps)},
-        "summary": description["summary"],
+        "summary": description.summary,
     }
 
 
@@ -118,17 +120,17 @@ def header_for(
 class CapturedState:
     """A stopped machine's KVM and device state (not its memory)."""
 
-    description: dict[str, Any]
+    description: MachineDescription
     vm: dict[str, bytes]
     vcpus: list[dict[str, bytes]]
-    devices: dict[str, Any]
+    devices: dict[str, DeviceRecord]
 
     @property
     def items(self) -> set[str]:
         return set(self.vm) | {name for v in self.vcpus for name in v}
 
 
-def items_to_capture(machine: Capturable, description: dict[str, Any]) -> set[str]:
+def items_to_capture(machine: Capturable, description: MachineDescription) -> set[str]:
     """The state items that need a capability (ITEM_CAPS) which `capture_state` will
     hold for this machine, known while the guest still runs (a migration writes its
     header then): what the host's capabilities offer (see cpu_state.capture_vcpu and
@@ -136,9 +138,9 @@ def items_to_capture(machine: Capturable, description: dict[str, Any]) -> set[st
     assert machine.vm is not None
     on_cap = set(ITEM_CAPS) - set(IRQCHIP_ITEMS) - {"pit2"}
     items = {i for i in on_cap if machine.vm.check_extension(Cap[ITEM_CAPS[i]])}
-    if description["irqchip"]:
+    if description.irqchip:
         items.update(IRQCHIP_ITEMS)
-    if description["pit"]:
+    if description.pit:
         items.add("pit2")
     return items
 
@@ -146,13 +148,14 @@ def items_to_capture(machine: Capturable, description: dict[str, Any]) -> set[st
 def capture_state(machine: Capturable) -> CapturedState:
     """Read VM, vCPU and device state; every vCPU must be out of KVM_RUN."""
     assert machine.vm is not None and machine.kvm is not None
-    description = machine.state_description()
-    irqchip, pit = bool(description["irqchip"]), bool(description["pit"])
+    description = machine.description
+    irqchip, pit = description.irqchip, description.pit
     msrs = cpu_state.readable_msrs(machine.vcpus[0], machine.kvm.msr_index_list())
     vcpus = [cpu_state.capture_vcpu(v, msrs, irqchip) for v in machine.vcpus]
     vm_state = cpu_state.capture_vm(machine.vm, irqchip, pit)
+    kinds = {d.id: d.kind for d in description.devices}
     devices = {
-        name: {"version": dev.state_version, "state": dev.save_state()}
+        name: DeviceRecord(kinds.get(name, name), dev.state_version, encode(dev.save_state()))
         for name, dev in machine.devices.items()
     }
     return CapturedState(description, vm_state, vcpus, devices)
@@ -163,7 +166,7 @@ def write_state(writer: StreamWriter, state: CapturedState) -> None:
     writer.write_section(VM, [pack_items(state.vm)])
     for v in state.vcpus:
         writer.write_section(VCPU, [pack_items(v)])
-    writer.write_section(DEVICES, [pack_json(state.devices)])
+    writer.write_section(DEVICES, [pack_json(encode(state.devices))])
 
 
 def write_machine(
@@ -179,7 +182,7 @@ def write_machine(
     chunks = chunked(extents)
 
     writer.write_header(header_for(machine, kind, state.description, state.items))
-    writer.write_section(MACHINE, [pack_json(state.description)])
+    writer.write_section(MACHINE, [pack_json(encode(state.description))])
     write_state(writer, state)
     writer.write_section(MEMORY, [pack_index(chunks)])
     total = sum(c.length for c in chunks)
@@ -201,36 +204,38 @@ def expect_section(reader: StreamReader, tag: bytes, what: str) -> memoryview:
     return reader.read_payload(head)
 
 
-def read_machine_description(reader: StreamReader) -> dict[str, Any]:
-    machine = unpack_json(expect_section(reader, MACHINE, "machine description"), "machine section")
-    if not isinstance(machine, dict) or "vcpus" not in machine or "memory_bytes" not in machine:
-        raise StreamFormatError(f"{reader.what}: the machine section lacks vcpus/memory_bytes")
-    return machine
+def read_machine_description(reader: StreamReader) -> MachineDescription:
+    payload = expect_section(reader, MACHINE, "machine description")
+    return decode_description(unpack_json(payload, "machine section"))
 
 
 def read_state(
-    reader: StreamReader, nr_vcpus: int
-) -> tuple[dict[str, bytes], list[dict[str, bytes]], dict[str, Any]]:
-    """The VM, VCPU and DEVICES sections, verified."""
+    reader: StreamReader, header: dict[str, Any], description: MachineDescription
+) -> MachineState:
+    """The VM, VCPU and DEVICES sections, verified and decoded."""
     vm = unpack_items(expect_section(reader, VM, "VM state"), "VM section")
     vcpus = []
-    for i in range(nr_vcpus):
+    for i in range(description.vcpus):
         vcpus.append(
             unpack_items(expect_section(reader, VCPU, f"vCPU {i} state"), f"vCPU {i} section")
         )
-    devices = unpack_json(expect_section(reader, DEVICES, "device state"), "device section")
-    return vm, vcpus, devices
+    devices = decode_devices(
+        unpack_json(expect_section(reader, DEVICES, "device state"), "device section")
+    )
+    return MachineState(header, description, vm, vcpus, devices)
 
 
 def read_machine(reader: StreamReader) -> SavedMachine:
     """Read and verify everything up to the memory chunks."""
     header = reader.read_header()
-    machine = read_machine_description(reader)
-    vm, vcpus, devices = read_state(reader, int(machine["vcpus"]))
+    description = read_machine_description(reader)
+    state = read_state(reader, header, description)
     index = unpack_index(
-        expect_section(reader, MEMORY, "memory index"), int(machine["memory_bytes"]), "memory index"
+        expect_section(reader, MEMORY, "memory index"), description.memory_bytes, "memory index"
     )
-    return SavedMachine(header, machine, vm, vcpus, devices, index)
+    return SavedMachine(
+        header, description, state.vm, state.vcpus, state.devices, memory_index=index
+    )
 
 
 def read_memory(
@@ -268,26 +273,6 @@ def read_memory(
         raise StreamFormatError(f"{reader.what}: {head.label}: expected the end marker")
     reader.read_payload(head)
     return total
-
-
-def apply_machine(
-    saved: SavedMachine, vm: Vm, vcpus: list[Vcpu], devices: dict[str, Device]
-) -> None:
-    """Load VM, vCPU and device state into a freshly built machine."""
-    cpu_state.apply_vm(vm, saved.vm, "VM state")
-    for i, (vcpu, state) in enumerate(zip(vcpus, saved.vcpus, strict=True)):
-        cpu_state.apply_vcpu(vcpu, state, f"vCPU {i} state")
-    for name, entry in saved.devices.items():
-        device = devices.get(name)
-        if device is None:
-            raise StreamFormatError(f"device section: this machine has no device {name!r}")
-        version = int(entry.get("version", 0))
-        if version > device.state_version:
-            raise StreamFormatError(
-                f"device section: {name} state version {version} is newer than this kvmkit's"
-                f" ({device.state_version}): upgrade kvmkit"
-            )
-        device.load_state(entry.get("state", {}))
 
 
 # -- host compatibility -------------------------------------------------------------------
@@ -331,9 +316,9 @@ def check_host(header: dict[str, Any], kvm: Kvm, backend: str, what: str) -> lis
     return warnings
 
 
-def check_layout(machine: dict[str, Any], memory: GuestMemory) -> None:
+def check_layout(description: MachineDescription, memory: GuestMemory) -> None:
     """Refuse a snapshot whose guest-physical layout differs from what this kvmkit builds."""
-    saved = [list(r) for r in machine.get("regions", [])]
+    saved = [[r.slot, r.gpa, r.size, r.offset] for r in description.regions]
     here = [[r.slot, r.gpa, r.size, r.offset] for r in memory.regions]
     if saved != here:
         raise StreamFormatError(

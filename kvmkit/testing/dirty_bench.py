@@ -8,7 +8,7 @@ import time
 
 from kvmkit.hostcheck.kvm_probes import probe_dirty_log_gmem_slot
 from kvmkit.kvm import Kvm, KvmError
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import MachineConfig, build_for_boot
 from kvmkit.memory.dirty_log import DirtyLog
 from kvmkit.memory.layout import MIB, PAGE_SIZE
 from kvmkit.testing.checks import Check, errno_name
@@ -20,7 +20,7 @@ class DirtyingGuest:
     """The dirtier guest running on a thread, its dirty log started (a context)."""
 
     def __init__(self, backend: str, pages_per_ms: int, ring: int = 0) -> None:
-        self.machine = Machine(
+        self.machine = build_for_boot(
             MachineConfig(
                 guest="dirtier",
                 guest_arg=(16 << 32) | pages_per_ms,

@@ -6,7 +6,7 @@ instructions of real guest code built from assembly.
 
 import tempfile
 
-from kvmkit.machine.probes import run_with_timeout
+from kvmkit.hostcheck.probes import run_with_timeout
 from kvmkit.testing.checks import Check
 from kvmkit.testing.harness import build_asm, built_machine, run_guest
 from kvmkit.uapi.exits import ExitReason
@@ -23,7 +23,7 @@ def _first_exit(source: str, fill_in: int | None = None) -> tuple[int, object]:
     and running on to the second exit); the exit reason and kvm_run's exit union."""
     with tempfile.TemporaryDirectory(prefix="kvmkit-exits-") as tmp:
         image = build_asm(source, tmp)
-        with built_machine(image, memory=MEMORY) as machine:
+        with built_machine(image, memory=MEMORY, irqchip=False) as machine:
             vcpu = machine.vcpus[0]
             reason = run_with_timeout(vcpu)
             run = vcpu.run_struct
@@ -53,7 +53,7 @@ def port_read() -> str:
     """The value the VMM puts in the data page is what the guest's IN reads."""
     source = f"mov dx, {FREE_PORT:#x}\nin al, dx\nmov dx, {FREE_PORT + 1:#x}\nout dx, al\nhlt\n"
     with tempfile.TemporaryDirectory(prefix="kvmkit-exits-") as tmp:
-        with built_machine(build_asm(source, tmp), memory=MEMORY) as machine:
+        with built_machine(build_asm(source, tmp), memory=MEMORY, irqchip=False) as machine:
             vcpu = machine.vcpus[0]
             if run_with_timeout(vcpu) != ExitReason.IO:
                 return "no IO exit"
@@ -74,7 +74,7 @@ hlt
 1: .ascii "kvmkt"
 """
     with tempfile.TemporaryDirectory(prefix="kvmkit-exits-") as tmp:
-        with built_machine(build_asm(source, tmp), memory=MEMORY) as machine:
+        with built_machine(build_asm(source, tmp), memory=MEMORY, irqchip=False) as machine:
             vcpu = machine.vcpus[0]
             data, exits = bytearray(), 0
             while (reason := run_with_timeout(vcpu)) == ExitReason.IO and exits < 16:
@@ -97,7 +97,7 @@ def mmio_write() -> str:
 def mmio_read() -> str:
     source = f"mov rbx, {FREE_MMIO:#x}\nmov al, [rbx]\nmov dx, {FREE_PORT:#x}\nout dx, al\nhlt\n"
     with tempfile.TemporaryDirectory(prefix="kvmkit-exits-") as tmp:
-        with built_machine(build_asm(source, tmp), memory=MEMORY) as machine:
+        with built_machine(build_asm(source, tmp), memory=MEMORY, irqchip=False) as machine:
             vcpu = machine.vcpus[0]
             run = vcpu.run_struct
             if run_with_timeout(vcpu) != ExitReason.MMIO or run.exit.mmio.is_write:

@@ -11,14 +11,16 @@ deviation of this host (PVM) from upstream reports DEVIATES instead of FAIL.
 import contextlib
 import ctypes
 import faulthandler
+import functools
 import io
 import os
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from kvmkit import libc
+from kvmkit.hostcheck.probes import gmem_probe
 from kvmkit.kvm import Kvm, Vm
-from kvmkit.machine.probes import gmem_probe
 from kvmkit.testing.checks import Check, Skip, all_same, outcome
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.memory import (
@@ -95,7 +97,7 @@ def bind(
     )
 
 
-def in_child(action: Callable[[], None]) -> str:
+def in_child(action: Callable[[], object]) -> str:
     """Run `action` in a forked child: "ok", or the signal that killed it."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -120,7 +122,7 @@ def create_size_zero() -> str:
 
 def create_size_unaligned() -> str:
     with bench_vm() as vm:
-        return all_same([outcome(lambda s=s: raw_create(vm, s)) for s in range(1, PAGE)])
+        return all_same([outcome(functools.partial(raw_create, vm, s)) for s in range(1, PAGE)])
 
 
 def create_flags_per_capability() -> str:
@@ -129,7 +131,7 @@ def create_flags_per_capability() -> str:
         valid = vm.guest_memfd_flags()
         wrong = []
         for bit in range(64):
-            got = outcome(lambda b=bit: raw_create(vm, PAGE, 1 << b))
+            got = outcome(functools.partial(raw_create, vm, PAGE, 1 << bit))
             want = "ok" if valid >> bit & 1 else "EINVAL"
             if got != want:
                 wrong.append(f"bit {bit}: {got}")
@@ -300,7 +302,7 @@ def punch_unaligned() -> str:
         (PAGE, PAGE + 1),
     ]
     with bench_vm() as vm, gmem(vm) as fd:
-        return all_same([outcome(lambda c=c: libc.fallocate(fd, PUNCH, *c)) for c in cases])
+        return all_same([outcome(functools.partial(libc.fallocate, fd, PUNCH, *c)) for c in cases])
 
 
 def zero_range() -> str:
@@ -433,8 +435,15 @@ def fd_outlives_vm() -> str:
 PORT_DISCARD_PROBE = 0x510
 
 
+@dataclass(frozen=True)
+class _NoState:
+    pass
+
+
 class _DiscardOnWrite:
     name = "discard-probe"
+    state_version = 1
+    state_type = _NoState
 
     def __init__(self, discard: Callable[[], None]) -> None:
         self.discard = discard
@@ -445,10 +454,13 @@ class _DiscardOnWrite:
     def write(self, offset: int, size: int, value: int) -> None:
         self.discard()
 
+    def save_state(self) -> _NoState:
+        return _NoState()
+
 
 def guest_sees_zeros_after_punch() -> str:
     """The guest writes a word; the host punches its page; the guest reads it back."""
-    from kvmkit.machine import Machine, MachineConfig
+    from kvmkit.machine import MachineConfig, build_for_boot
 
     target = 0x800000
     config = MachineConfig(
@@ -458,7 +470,7 @@ def guest_sees_zeros_after_punch() -> str:
         guest_arg=target,
         console="none",
     )
-    with Machine(config, console=io.BytesIO()) as m:
+    with build_for_boot(config, console=io.BytesIO()) as m:
         assert m.memory is not None
         memory = m.memory
         m.pio_bus.add(PORT_DISCARD_PROBE, 1, _DiscardOnWrite(lambda: memory.discard(target, PAGE)))

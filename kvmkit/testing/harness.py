@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvmkit.faults import FaultPlan, active_plan, load_plan
 from kvmkit.guests.build import LONG_LOAD, build_image
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import Machine, MachineConfig, build_for_boot
 from kvmkit.machine.config import parse_size
 from kvmkit.machine.result import EXIT_HOST_ERROR, RunResult
 
@@ -86,7 +86,7 @@ def machine_config(
     vcpus: int = 1,
     memory_backend: str = "auto",
     arg: int = 0,
-    irqchip: bool = False,
+    irqchip: bool = True,
 ) -> MachineConfig:
     return MachineConfig(
         memory_bytes=parse_size(memory),
@@ -103,12 +103,13 @@ def built_machine(guest: str | Path = "hello", **options: object) -> Iterator[Ma
     """A Machine for `guest` (a built-in name or a flat binary path), closed on exit;
     its console output collects in `machine.serial` (read it with `console_of`)."""
     config = machine_config(guest, **options)  # type: ignore[arg-type]
-    with Machine(config, console=io.BytesIO()) as machine:
+    with build_for_boot(config, console=io.BytesIO()) as machine:
         yield machine
 
 
 def console_of(machine: Machine) -> str:
-    out = machine.serial.out
+    machine.console.flush()
+    out = machine.console.stream
     return out.getvalue().decode(errors="replace") if isinstance(out, io.BytesIO) else ""
 
 

@@ -7,8 +7,8 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 
+from kvmkit.hostcheck.probes import run_with_timeout
 from kvmkit.kvm import Kvm, Vcpu, Vm
-from kvmkit.machine.probes import run_with_timeout
 from kvmkit.testing.checks import Check, outcome
 from kvmkit.testing.harness import build_asm, built_machine
 from kvmkit.uapi.caps import Cap
@@ -39,7 +39,7 @@ def id_above_limit() -> str:
 def regs_roundtrip() -> str:
     with new_vcpu() as (_, vcpu):
         regs = vcpu.get_regs()
-        names = [n for n, _ in type(regs)._fields_ if n not in ("rip", "rflags")]
+        names = [n for n, *_ in type(regs)._fields_ if n not in ("rip", "rflags")]
         for i, name in enumerate(names):
             setattr(regs, name, 0x1111111111111111 * (i % 15 + 1))
         vcpu.set_regs(regs)

@@ -1,6 +1,7 @@
 """The Linux ioctl number encoding (asm-generic/ioctl.h) for the KVM type 0xAE."""
 
 import ctypes
+from typing import Any, TypeAlias
 
 KVMIO = 0xAE
 
@@ -8,7 +9,9 @@ IOC_NONE = 0
 IOC_WRITE = 1
 IOC_READ = 2
 
-_SizeSpec = int | type[ctypes.Structure] | type[ctypes.Union] | type[ctypes._SimpleCData]
+_SizeSpec: TypeAlias = (
+    "int | type[ctypes.Structure] | type[ctypes.Union] | type[ctypes._SimpleCData[Any]]"
+)
 
 
 def _size_of(arg: _SizeSpec) -> int:

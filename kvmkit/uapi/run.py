@@ -17,19 +17,19 @@ KVM_RUN_X86_BUS_LOCK = 1 << 1
 KVM_RUN_X86_GUEST_MODE = 1 << 2
 
 
-class _exit_hw(ctypes.Structure):
+class kvm_run_hw(ctypes.Structure):
     _fields_ = [("hardware_exit_reason", c_uint64)]
 
 
-class _exit_fail_entry(ctypes.Structure):
+class kvm_run_fail_entry(ctypes.Structure):
     _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
 
 
-class _exit_ex(ctypes.Structure):
+class kvm_run_ex(ctypes.Structure):
     _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
 
 
-class _exit_io(ctypes.Structure):
+class kvm_run_io(ctypes.Structure):
     _fields_ = [
         ("direction", c_uint8),
         ("size", c_uint8),
@@ -39,11 +39,11 @@ class _exit_io(ctypes.Structure):
     ]
 
 
-class _exit_debug(ctypes.Structure):
+class kvm_run_debug(ctypes.Structure):
     _fields_ = [("arch", kvm_debug_exit_arch)]
 
 
-class _exit_mmio(ctypes.Structure):
+class kvm_run_mmio(ctypes.Structure):
     _fields_ = [
         ("phys_addr", c_uint64),
         ("data", c_uint8 * 8),
@@ -52,7 +52,7 @@ class _exit_mmio(ctypes.Structure):
     ]
 
 
-class _exit_hypercall(ctypes.Structure):
+class kvm_run_hypercall(ctypes.Structure):
     _fields_ = [
         ("nr", c_uint64),
         ("args", c_uint64 * 6),
@@ -61,15 +61,15 @@ class _exit_hypercall(ctypes.Structure):
     ]
 
 
-class _exit_internal(ctypes.Structure):
+class kvm_run_internal(ctypes.Structure):
     _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 
 
-class _exit_system_event(ctypes.Structure):
+class kvm_run_system_event(ctypes.Structure):
     _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 
 
-class _exit_msr(ctypes.Structure):
+class kvm_run_msr(ctypes.Structure):
     _fields_ = [
         ("error", c_uint8),
         ("pad", c_uint8 * 7),
@@ -79,23 +79,23 @@ class _exit_msr(ctypes.Structure):
     ]
 
 
-class _exit_memory_fault(ctypes.Structure):
+class kvm_run_memory_fault(ctypes.Structure):
     _fields_ = [("flags", c_uint64), ("gpa", c_uint64), ("size", c_uint64)]
 
 
-class _exit_union(ctypes.Union):
+class kvm_run_exit(ctypes.Union):
     _fields_ = [
-        ("hw", _exit_hw),
-        ("fail_entry", _exit_fail_entry),
-        ("ex", _exit_ex),
-        ("io", _exit_io),
-        ("debug", _exit_debug),
-        ("mmio", _exit_mmio),
-        ("hypercall", _exit_hypercall),
-        ("internal", _exit_internal),
-        ("system_event", _exit_system_event),
-        ("msr", _exit_msr),
-        ("memory_fault", _exit_memory_fault),
+        ("hw", kvm_run_hw),
+        ("fail_entry", kvm_run_fail_entry),
+        ("ex", kvm_run_ex),
+        ("io", kvm_run_io),
+        ("debug", kvm_run_debug),
+        ("mmio", kvm_run_mmio),
+        ("hypercall", kvm_run_hypercall),
+        ("internal", kvm_run_internal),
+        ("system_event", kvm_run_system_event),
+        ("msr", kvm_run_msr),
+        ("memory_fault", kvm_run_memory_fault),
         ("padding", ctypes.c_char * 256),
     ]
 
@@ -104,7 +104,7 @@ class kvm_sync_regs(ctypes.Structure):
     _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
 
 
-class _sync_union(ctypes.Union):
+class kvm_run_sync(ctypes.Union):
     _fields_ = [("regs", kvm_sync_regs), ("padding", ctypes.c_char * 2048)]
 
 
@@ -119,10 +119,10 @@ class kvm_run(ctypes.Structure):
         ("flags", c_uint16),
         ("cr8", c_uint64),
         ("apic_base", c_uint64),
-        ("exit", _exit_union),
+        ("exit", kvm_run_exit),
         ("kvm_valid_regs", c_uint64),
         ("kvm_dirty_regs", c_uint64),
-        ("s", _sync_union),
+        ("s", kvm_run_sync),
     ]
 
 

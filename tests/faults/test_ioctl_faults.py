@@ -16,7 +16,7 @@ import pytest
 from kvmkit.errors import KvmkitError
 from kvmkit.faults import FaultPlan, FaultRule, active_plan
 from kvmkit.kvm import Kvm
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import MachineConfig, build_for_boot
 from kvmkit.machine.result import EXIT_HOST_ERROR
 
 CONFIG = MachineConfig(
@@ -31,7 +31,7 @@ def open_fds() -> set[int]:
 def run_once() -> tuple[int | None, str]:
     """Build, run and close the machine; (status, message) of how it ended."""
     try:
-        with Machine(CONFIG) as m:
+        with build_for_boot(CONFIG) as m:
             result = m.run()
         return result.status, result.reason
     except KvmkitError as e:
@@ -41,7 +41,7 @@ def run_once() -> tuple[int | None, str]:
 def pause_resume_once() -> tuple[int | None, str]:
     """Build, run on a thread, pause, resume, let it finish, close."""
     try:
-        with Machine(CONFIG) as m:
+        with build_for_boot(CONFIG) as m:
             results = []
             t = threading.Thread(target=lambda: results.append(m.run()))
             t.start()

@@ -14,7 +14,7 @@ import pytest
 
 from kvmkit.faults import active_plan, load_plan
 from kvmkit.kvm import KvmError
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import Machine, MachineConfig, build_for_boot
 from kvmkit.memory.layout import MIB
 from kvmkit.migration import MigrationError, migrate
 from tests.kvm.conftest import write_guest
@@ -39,7 +39,7 @@ def source(tmp_path, request):
         memory_backend=backend,
         console="none",
     )
-    machine = Machine(config)
+    machine = build_for_boot(config)
     machine.memory.write(0x400000, os.urandom(FILLED))
     thread = threading.Thread(target=machine.run, daemon=True)
     thread.start()

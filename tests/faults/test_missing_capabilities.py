@@ -11,7 +11,7 @@ import pytest
 
 from kvmkit.errors import KvmkitError
 from kvmkit.faults import active_plan, load_plan
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import MachineConfig, build_for_boot
 from kvmkit.memory.layout import MIB
 from kvmkit.testing.dirty_bench import DirtyingGuest
 
@@ -32,7 +32,7 @@ def hello(backend: str = "auto", **kw: object) -> MachineConfig:
     ],
 )
 def test_without_a_mappable_guest_memfd_the_default_is_memfd_and_says_why(rule, why):
-    with active_plan(load_plan([rule])), Machine(hello()) as m:
+    with active_plan(load_plan([rule])), build_for_boot(hello()) as m:
         result = m.run()
     assert result.status == 0, result.reason
     assert result.backend == "memfd"
@@ -42,7 +42,7 @@ def test_without_a_mappable_guest_memfd_the_default_is_memfd_and_says_why(rule, 
 def test_asking_for_guest_memfd_there_is_refused_with_the_fix():
     with active_plan(load_plan(["cap:GUEST_MEMFD_FLAGS:0x1@always"])):
         with pytest.raises(KvmkitError, match="use --memory-backend memfd"):
-            Machine(hello("guest_memfd"))
+            build_for_boot(hello("guest_memfd"))
 
 
 def test_the_old_memory_region_ioctl_serves_slots_and_dirty_logging():
@@ -85,7 +85,10 @@ def test_a_dirty_ring_on_a_host_without_one_is_a_one_line_error():
 
 
 def test_guest_memfd_flags_kvmkit_does_not_know_are_reported():
-    with active_plan(load_plan(["cap:GUEST_MEMFD_FLAGS:0x103@always"])), Machine(hello()) as m:
+    with (
+        active_plan(load_plan(["cap:GUEST_MEMFD_FLAGS:0x103@always"])),
+        build_for_boot(hello()) as m,
+    ):
         assert m.memory.backend_name == "guest_memfd"
         notes = m.memory.notes
     assert "this kernel offers guest_memfd flags kvmkit does not know: 0x100" in notes

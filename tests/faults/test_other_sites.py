@@ -8,7 +8,7 @@ import pytest
 
 from kvmkit.errors import KvmkitError
 from kvmkit.faults import FaultPlan, FaultRule, active_plan
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import MachineConfig, build_for_boot
 from kvmkit.memory.layout import MIB
 
 
@@ -32,7 +32,7 @@ def test_memory_failures_while_building_are_named_and_leave_nothing_open(site, b
     )
     with active_plan(FaultPlan([FaultRule(site, errno.ENOMEM)])) as plan:
         with pytest.raises(KvmkitError) as e:
-            Machine(config)
+            build_for_boot(config)
     assert plan.injected and message in str(e.value), str(e.value)
     assert open_fds() == fds
 
@@ -53,7 +53,7 @@ def test_a_failed_discard_keeps_the_memory_and_says_so(vm_factory):
 def test_a_device_failure_stops_the_run_naming_the_device(run_guest):
     run = run_guest("hello", memory="16M", faults=["device.io:EIO@nth=5"], timeout_s=20)
     assert run.status == 1
-    assert "device serial at 0x3f8: Input/output error (EIO)" in run.reason, run.reason
+    assert "device serial0 at 0x3f8: Input/output error (EIO)" in run.reason, run.reason
 
 
 def test_delays_slow_the_run_but_it_completes(run_guest):

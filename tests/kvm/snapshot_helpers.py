@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 
 from kvmkit.guests.model import counter_lines
-from kvmkit.machine import Machine, MachineConfig
+from kvmkit.machine import MachineConfig, build_for_boot
 from kvmkit.machine.result import RunResult
 
 
@@ -26,7 +26,7 @@ class Running:
 
     def __init__(self, config: MachineConfig, setup: object = None) -> None:
         """`setup(machine)` runs before the vCPUs start."""
-        self.machine = Machine(config)
+        self.machine = build_for_boot(config)
         if setup is not None:
             setup(self.machine)  # type: ignore[operator]
         self.result: RunResult | None = None

@@ -4,7 +4,8 @@ handler, with its vector, error code and address, and the guest then finishes.""
 import pytest
 
 from kvmkit.errors import ConfigError
-from kvmkit.faults import FaultPlan, GuestEvent, deliver, parse_rule
+from kvmkit.faults import FaultPlan, GuestEvent, parse_rule
+from kvmkit.kvm.guest_events import deliver
 
 # The trap guest prints "trap: handlers ready" (21 console exits), then makes 10 POST
 # exits: KVM_RUN call 25 lands in that loop, after the IDT is loaded.

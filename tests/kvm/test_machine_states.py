@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from kvmkit.control.snapshots import restore_snapshot, take_snapshot
 from kvmkit.errors import KvmkitError
-from kvmkit.machine import Machine
-from kvmkit.machine.probes import gmem_probe
+from kvmkit.hostcheck.probes import gmem_probe
 
 from .snapshot_helpers import Running, assert_counter_output, counter_config
 
@@ -28,20 +28,20 @@ def test_a_snapshot_of_a_lazy_restore_loads_the_rest_first(tmp_path):
     steps = 400
     run = Running(counter_config(tmp_path / "a.txt", steps, backend="memfd"))
     time.sleep(0.1)
-    run.machine.snapshot(tmp_path / "one.snap")
+    take_snapshot(run.machine, tmp_path / "one.snap")
     run.kill()
-    lazy = Machine.restore(
+    lazy = restore_snapshot(
         tmp_path / "one.snap", lazy=True, prefetch=False, console=str(tmp_path / "b.txt")
     )
     thread = threading.Thread(target=lazy.run, daemon=True)
     thread.start()
     time.sleep(0.05)
-    report = lazy.snapshot(tmp_path / "two.snap")  # returns: before, it could hang here
+    report = take_snapshot(lazy, tmp_path / "two.snap")  # returns: before, it could hang here
     assert report.file_bytes > 0 and lazy.lazy is not None and lazy.lazy.done.is_set()
     lazy.stop(0, "snapshotted")
     thread.join(10)
     lazy.close()
-    with Machine.restore(tmp_path / "two.snap", console=str(tmp_path / "c.txt")) as again:
+    with restore_snapshot(tmp_path / "two.snap", console=str(tmp_path / "c.txt")) as again:
         assert again.run().status == 0
     text = "".join((tmp_path / n).read_text() for n in ("a.txt", "b.txt", "c.txt"))
     assert_counter_output(text, 1, steps)
@@ -65,7 +65,7 @@ def test_the_state_a_migration_announces_is_the_state_it_captures(irqchip):
     config = MachineConfig(guest="counter", memory_bytes=16 << 20, console="none", irqchip=irqchip)
     run = Running(config)
     try:
-        predicted = items_to_capture(run.machine, run.machine.state_description())
+        predicted = items_to_capture(run.machine, run.machine.description)
         run.machine.pause()
         captured = capture_state(run.machine).items & set(ITEM_CAPS)
         run.machine.resume()

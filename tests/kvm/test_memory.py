@@ -11,9 +11,9 @@ import pytest
 
 from kvmkit import libc
 from kvmkit.errors import ConfigError, KvmkitError
+from kvmkit.hostcheck.probes import guest_memfd_runs_unmapped
 from kvmkit.kvm import KvmUnsupportedError
-from kvmkit.machine import Machine, MachineConfig
-from kvmkit.machine.probes import guest_memfd_runs_unmapped
+from kvmkit.machine import MachineConfig, build_for_boot
 from kvmkit.memory import GuestMemory, GuestMemoryError, NumaPolicy
 from kvmkit.memory.hugepages import HugepagePoolError, read_pool
 from kvmkit.uapi.memory import GUEST_MEMFD_FLAG_NO_DIRECT_MAP
@@ -79,7 +79,7 @@ def test_hide_refused_on_memfd(vm):
 )
 def test_hidden_guest_runs_with_nothing_mapped():
     console = io.BytesIO()
-    with Machine(MachineConfig(memory_bytes=16 * MIB, hide="unmap"), console=console) as m:
+    with build_for_boot(MachineConfig(memory_bytes=16 * MIB, hide="unmap"), console=console) as m:
         assert gmem_maps(m.memory.backend.fd) == []
         result = m.run()
     assert result.status == 0 and result.host_mapped_bytes == 0
@@ -94,7 +94,7 @@ def test_hide_refused_where_kvm_needs_the_mapping():
         KvmUnsupportedError,
         match="cannot run a guest from guest_memfd without a host mapping \\(measured: ",
     ):
-        Machine(MachineConfig(memory_bytes=16 * MIB, hide="unmap"))
+        build_for_boot(MachineConfig(memory_bytes=16 * MIB, hide="unmap"))
 
 
 def test_direct_map_removal_needs_the_kernel_flag(vm):
@@ -147,7 +147,7 @@ def test_guest_reads_zeros_after_a_host_discard(backend):
         guest_arg=target,
         console="none",
     )
-    with Machine(config) as m:
+    with build_for_boot(config) as m:
         m.pio_bus.add(
             PORT_DISCARD_PROBE, 1, _DiscardOnWrite(lambda: m.memory.discard(target, 4096))
         )
@@ -161,7 +161,7 @@ def test_prealloc_populates_every_page_of_memfd(vm):
 
 
 def test_prealloc_run_reports_populated():
-    with Machine(
+    with build_for_boot(
         MachineConfig(
             guest="exitloop",
             memory_bytes=16 * MIB,
@@ -175,7 +175,9 @@ def test_prealloc_run_reports_populated():
 
 
 def test_run_reports_populated_vs_configured():
-    with Machine(MachineConfig(guest="exitloop", memory_bytes=64 * MIB, console="none")) as m:
+    with build_for_boot(
+        MachineConfig(guest="exitloop", memory_bytes=64 * MIB, console="none")
+    ) as m:
         result = m.run()
     # exitloop touches only its own page, boot info, page tables and stack
     assert 0 < result.populated_bytes < MIB
@@ -208,7 +210,7 @@ def test_hugetlb_2m_backend_runs_a_guest(hugetlb_pool):
     config = MachineConfig(
         memory_bytes=32 * MIB, memory_backend="hugetlb", hugepage_size=hugetlb_pool
     )
-    with Machine(config, console=console) as m:
+    with build_for_boot(config, console=console) as m:
         result = m.run()
     assert result.status == 0 and result.backend == "hugetlb"
     assert console.getvalue().endswith(b"hello: bye\n")
@@ -224,7 +226,7 @@ def test_hugetlb_1g_backend_runs_a_guest(hugetlb_pool):
         hugepage_size=1 << 30,
         console="none",
     )
-    with Machine(config) as m:
+    with build_for_boot(config) as m:
         result = m.run()
     assert result.status == 0 and "1 GiB hugetlb pages" in result.memory_notes
 
@@ -234,7 +236,7 @@ def test_short_hugetlb_pool_names_the_sysctl():
     need = pool.available + 1
     config = MachineConfig(memory_bytes=need * 2 * MIB, memory_backend="hugetlb")
     with pytest.raises(HugepagePoolError) as info:
-        Machine(config)
+        build_for_boot(config)
     message = str(info.value)
     assert f"has {pool.available} free pages and the guest needs {need}" in message
     assert "vm.nr_hugepages=" in message or "nr_hugepages" in message
@@ -242,18 +244,22 @@ def test_short_hugetlb_pool_names_the_sysctl():
 
 def test_hugetlb_size_must_divide_memory():
     with pytest.raises(HugepagePoolError, match="multiple of the 2 MiB hugepage size"):
-        Machine(MachineConfig(memory_bytes=3 * MIB, memory_backend="hugetlb"))
+        build_for_boot(MachineConfig(memory_bytes=3 * MIB, memory_backend="hugetlb"))
 
 
 def test_thp_backend_runs_and_says_what_the_advice_does():
-    with Machine(MachineConfig(memory_bytes=16 * MIB, memory_backend="thp", console="none")) as m:
+    with build_for_boot(
+        MachineConfig(memory_bytes=16 * MIB, memory_backend="thp", console="none")
+    ) as m:
         result = m.run()
     assert result.status == 0 and result.backend == "thp"
     assert any("MADV_HUGEPAGE given" in note for note in result.memory_notes)
 
 
 def test_guest_memfd_reports_no_hugepage_flag():
-    with Machine(MachineConfig(guest="exitloop", memory_bytes=16 * MIB, console="none")) as m:
+    with build_for_boot(
+        MachineConfig(guest="exitloop", memory_bytes=16 * MIB, console="none")
+    ) as m:
         notes = m.memory.notes
     assert any("guest_memfd hugepage flag" in n or "hugepage" in n for n in notes)
 
@@ -271,7 +277,7 @@ def test_numa_policy_is_on_the_mapping(mode, mpol):
     config = MachineConfig(
         guest="exitloop", memory_bytes=16 * MIB, console="none", numa=NumaPolicy(mode, (0,))
     )
-    with Machine(config) as m:
+    with build_for_boot(config) as m:
         window = m.memory.windows[0]
         assert libc.get_mempolicy_at(window.addr) == (mpol, (0,))
         assert m.run().status == 0
@@ -286,7 +292,7 @@ def test_numa_prealloc_uses_the_thread_policy():
         numa=NumaPolicy("bind", (0,)),
         prealloc=True,
     )
-    with Machine(config) as m:
+    with build_for_boot(config) as m:
         assert m.run().status == 0
 
 

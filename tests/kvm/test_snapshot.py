@@ -15,6 +15,7 @@ import pytest
 from kvmkit.api.client import ApiCallError, call
 from kvmkit.api.server import ApiServer
 from kvmkit.arch.x86.host_cpu import host_cpu
+from kvmkit.control.snapshots import restore_snapshot, take_snapshot
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
 from kvmkit.errors import KvmkitError
 from kvmkit.faults import FaultPlan, FaultRule, active_plan, load_plan
@@ -92,7 +93,7 @@ def test_snapshot_taken_mid_port_exit_completes_the_exit(tmp_path, backend):
     # KVM finished the `in al, dx` before parking: AL holds the status, RIP is past it.
     assert regs.rax & 0xFF == LSR_VALUE
     assert m.memory.read(regs.rip - 1, 1)[0] == IN_AL_DX
-    m.snapshot(tmp_path / "mid.snap")
+    take_snapshot(m, tmp_path / "mid.snap")
     assert m.paused  # a snapshot without resume leaves the machine paused
     run.kill()
     restore_and_finish(tmp_path / "mid.snap", tmp_path / "b.txt")
@@ -103,7 +104,7 @@ def test_snapshot_taken_mid_port_exit_completes_the_exit(tmp_path, backend):
 def test_restore_into_another_backend(tmp_path):
     run = Running(counter_config(tmp_path / "a.txt", 400, vcpus=2, backend="guest_memfd"))
     time.sleep(0.1)
-    run.machine.snapshot(tmp_path / "g.snap")
+    take_snapshot(run.machine, tmp_path / "g.snap")
     run.kill()
     p = restore_and_finish(tmp_path / "g.snap", tmp_path / "b.txt", "--memory-backend", "memfd")
     assert "on memfd" in p.stderr and "restored     from" in p.stderr
@@ -115,7 +116,7 @@ def test_irqchip_pit_and_lapic_state_round_trip_and_resume(tmp_path):
     steps = 300
     run = Running(counter_config(tmp_path / "a.txt", steps, irqchip=True))
     time.sleep(0.05)
-    run.machine.snapshot(tmp_path / "i.snap", resume=True)
+    take_snapshot(run.machine, tmp_path / "i.snap", resume=True)
     assert run.finish().status == 0  # resume=True: the source runs on to its end
     source = (tmp_path / "a.txt").read_text()
     assert_counter_output(source, 1, steps)
@@ -125,7 +126,7 @@ def test_irqchip_pit_and_lapic_state_round_trip_and_resume(tmp_path):
     with SnapshotFile(tmp_path / "i.snap") as snap:
         assert {"lapic"} <= set(snap.saved.vcpus[0])
         assert {"pic_master", "pic_slave", "ioapic", "pit2", "clock"} <= set(snap.saved.vm)
-        sent = snap.saved.devices["serial"]["state"]["transmitted"]
+        sent = snap.saved.devices["serial0"].state["transmitted"]
     restore_and_finish(tmp_path / "i.snap", tmp_path / "b.txt")
     assert_counter_output(source[:sent] + (tmp_path / "b.txt").read_text(), 1, steps)
 
@@ -134,7 +135,7 @@ def test_compressed_snapshot_restores(tmp_path):
     pytest.importorskip("zstandard")
     run = Running(counter_config(tmp_path / "a.txt", 300))
     time.sleep(0.05)
-    report = run.machine.snapshot(tmp_path / "z.snap", compress_level=3)
+    report = take_snapshot(run.machine, tmp_path / "z.snap", compress_level=3)
     run.kill()
     assert report.file_bytes < report.memory_bytes  # counter pages are mostly zeros
     assert inspect(tmp_path / "z.snap")["memory"]["compressed_chunks"] > 0
@@ -147,11 +148,11 @@ def test_short_writes_and_short_reads_are_completed(tmp_path):
     run = Running(counter_config(tmp_path / "a.txt", 300))
     time.sleep(0.05)
     with active_plan(load_plan(["snapshot.write:short@every=2"])) as plan:
-        run.machine.snapshot(tmp_path / "s.snap")
+        take_snapshot(run.machine, tmp_path / "s.snap")
     run.kill()
     assert len(plan.log) > 3
     with active_plan(load_plan(["snapshot.read:short@every=2"])) as plan:
-        machine = Machine.restore(tmp_path / "s.snap", console=str(tmp_path / "b.txt"))
+        machine = restore_snapshot(tmp_path / "s.snap", console=str(tmp_path / "b.txt"))
     with machine:
         assert machine.run().status == 0
     assert len(plan.log) > 3
@@ -171,7 +172,7 @@ def test_eio_while_writing_leaves_no_file_and_the_vm_as_it_was(tmp_path, paused)
     out.mkdir()
     plan = FaultPlan([FaultRule("snapshot.write", errno.EIO, nth=4)])
     with active_plan(plan), pytest.raises(SnapshotWriteError) as e:
-        run.machine.snapshot(out / "x.snap")
+        take_snapshot(run.machine, out / "x.snap")
     assert plan.injected, "the fault was never reached"
     assert "Input/output error (EIO)" in str(e.value) and "no snapshot file was left" in str(
         e.value
@@ -243,7 +244,7 @@ def good_snapshot(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
     run = Running(counter_config(d / "a.txt", 100000, vcpus=2))
     time.sleep(0.1)
-    run.machine.snapshot(d / "good.snap")
+    take_snapshot(run.machine, d / "good.snap")
     run.kill()
     return (d / "good.snap").read_bytes()
 
@@ -251,7 +252,7 @@ def good_snapshot(tmp_path_factory):
 def _refused(path, match: str) -> str:
     before = open_fds()
     with pytest.raises(KvmkitError, match=match) as e:
-        Machine.restore(path, console="none")
+        restore_snapshot(path, console="none")
     assert open_fds() == before  # nothing left open: no VM was started
     return str(e.value)
 
@@ -312,7 +313,7 @@ def test_missing_capability_is_refused_by_name(tmp_path, good_snapshot):
     path.write_bytes(good_snapshot)
     rewrite_header(path, lambda h: h["requires"].update(X86_SMM=1))
     with pytest.raises(KvmUnsupportedError, match="this host lacks KVM_CAP_X86_SMM"):
-        Machine.restore(path, console="none")
+        restore_snapshot(path, console="none")
 
 
 def test_cli_refusal_is_one_line_and_starts_nothing(tmp_path, good_snapshot):
@@ -368,9 +369,9 @@ def test_lazy_restore_serves_guest_faults_and_continues(tmp_path, prefetch):
     steps = 600
     run = Running(counter_config(tmp_path / "a.txt", steps, vcpus=2, backend="memfd"))
     time.sleep(0.1)
-    run.machine.snapshot(tmp_path / "l.snap")
+    take_snapshot(run.machine, tmp_path / "l.snap")
     run.kill()
-    m = Machine.restore(
+    m = restore_snapshot(
         tmp_path / "l.snap", lazy=True, prefetch=prefetch, console=str(tmp_path / "b.txt")
     )
     with m:
@@ -388,5 +389,5 @@ def test_lazy_restore_of_guest_memfd_memory_is_refused_with_the_way_out(tmp_path
     path.write_bytes(good_snapshot)
     before = open_fds()
     with pytest.raises(KvmUnsupportedError, match="--memory-backend memfd --lazy"):
-        Machine.restore(path, lazy=True, console="none")
+        restore_snapshot(path, lazy=True, console="none")
     assert open_fds() == before

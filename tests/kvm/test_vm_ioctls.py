@@ -55,7 +55,7 @@ def test_refused_msrs_are_named(vm_factory):
 
 def test_a_hardware_breakpoint_stops_the_guest_where_it_is_set(vm_factory):
     machine = vm_factory("hello", memory="16M")
-    entry = machine.config.load_addr
+    entry = machine.plan.entry
     dr7 = 0x401  # L0: breakpoint 0 on instruction execution
     machine.vcpus[0].set_guest_debug(
         KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [entry, 0, 0, 0, 0, 0, 0, dr7]

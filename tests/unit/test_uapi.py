@@ -151,17 +151,17 @@ def test_field_offset(struct, field, offset):
 
 
 def test_kvm_run_exit_union_members():
-    e = run._exit_union
+    e = run.kvm_run_exit
     assert ctypes.sizeof(e) == 256
-    io = run._exit_io
+    io = run.kvm_run_io
     assert [
         getattr(io, f).offset for f in ("direction", "size", "port", "count", "data_offset")
     ] == [0, 1, 2, 4, 8]
-    assert run._exit_mmio.len.offset == 16 and run._exit_mmio.is_write.offset == 20
-    assert run._exit_internal.data.offset == 8
-    assert run._exit_system_event.data.offset == 8
-    assert run._exit_msr.index.offset == 12 and run._exit_msr.data.offset == 16
-    assert run._exit_memory_fault.size.offset == 16
+    assert run.kvm_run_mmio.len.offset == 16 and run.kvm_run_mmio.is_write.offset == 20
+    assert run.kvm_run_internal.data.offset == 8
+    assert run.kvm_run_system_event.data.offset == 8
+    assert run.kvm_run_msr.index.offset == 12 and run.kvm_run_msr.data.offset == 16
+    assert run.kvm_run_memory_fault.size.offset == 16
     assert run.kvm_sync_regs.sregs.offset == 144 and run.kvm_sync_regs.events.offset == 456
 
 

@@ -138,7 +138,7 @@ FEATURE_BITS: dict[tuple[int, int, str], dict[int, str]] = {
 
 def decode_features(entries: list[kvm_cpuid_entry2]) -> list[str]:
     """The named features set in CPUID entries, sorted."""
-    names = set()
+    names: set[str] = set()
     for e in entries:
         for (leaf, sub, reg), bits in FEATURE_BITS.items():
             if e.function == leaf and e.index == sub:

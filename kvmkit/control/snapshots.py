@@ -1,0 +1,110 @@
+"""Taking a snapshot of a running machine, and restoring one into a new machine."""
+
+import os
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from kvmkit.errors import KvmkitError
+from kvmkit.faults import enter_phase
+from kvmkit.machine.builder import RestoreOptions, build_from_saved
+from kvmkit.machine.machine import Machine
+from kvmkit.machine.result import EXIT_HOST_ERROR
+from kvmkit.memory import GuestMemory
+from kvmkit.snapshot import file as snapshot_file
+from kvmkit.snapshot.file import SnapshotFile, SnapshotReport
+from kvmkit.snapshot.lazy import LazyRestore, start_lazy_restore
+from kvmkit.snapshot.machine_state import ProgressFn, read_memory
+from kvmkit.snapshot.model import MachineDescription, MachineState
+
+SNAPSHOT = "snapshot"  # the pause holder while a snapshot is written
+
+
+def take_snapshot(
+    machine: Machine,
+    path: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    compress_level: int | None = None,
+    progress: ProgressFn | None = None,
+) -> SnapshotReport:
+    """Pause, write a snapshot, then resume if `resume` (else the machine stays paused,
+    held by the user, as `ctl pause` would). If writing fails, nothing is left at `path`
+    and the machine is as it was (running if it was running)."""
+    if not machine.running:
+        raise KvmkitError("the machine is not running, so there is nothing to snapshot")
+    if machine.lazy is not None:
+        machine.lazy.finish()  # a snapshot needs every page of the one it came from
+    machine.pause(holder=SNAPSHOT)
+    try:
+        machine.console.flush()
+        report = snapshot_file.save(path, machine, compress_level, progress)
+        if not resume:
+            machine.request_pause()  # stay paused, as the user's pause
+    finally:
+        machine.resume(SNAPSHOT)
+    return report
+
+
+@dataclass
+class _SnapshotSource:
+    """A snapshot file as a builder's saved source: memory eagerly or lazily."""
+
+    snap: SnapshotFile
+    lazy: bool
+    prefetch: bool
+    progress: ProgressFn | None
+    loader: LazyRestore | None = None
+
+    @property
+    def what(self) -> str:
+        return f"snapshot {self.snap.path}"
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self.snap.saved.header
+
+    @property
+    def description(self) -> MachineDescription:
+        return self.snap.saved.description
+
+    def load(self, memory: GuestMemory) -> MachineState:
+        saved = self.snap.saved
+        if self.lazy:
+            self.loader = start_lazy_restore(self.snap, memory, self.prefetch)
+        else:
+            read_memory(self.snap.reader, memory, saved.memory_index, self.progress)
+        return saved
+
+
+def restore_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    memory_backend: str | None = None,
+    console: str | None = None,
+    console_stream: BinaryIO | None = None,
+    lazy: bool = False,
+    prefetch: bool = True,
+    progress: ProgressFn | None = None,
+) -> Machine:
+    """A machine that continues the snapshot at `path` when `run()`. Every section is
+    verified before the machine is built or any guest code runs (with `lazy`, memory
+    chunks are verified as they load)."""
+    enter_phase("restore")
+    snap = SnapshotFile(path)
+    source = _SnapshotSource(snap, lazy, prefetch, progress)
+    try:
+        machine = build_from_saved(source, RestoreOptions(memory_backend, console, console_stream))
+    except BaseException:
+        if source.loader is not None:
+            source.loader.close()  # closes the file too
+        else:
+            snap.close()
+        raise
+    if source.loader is not None:
+        loader = source.loader
+        machine.lazy = loader  # the loader owns the file now
+        loader.on_error = lambda why: machine.stop(EXIT_HOST_ERROR, why)
+    else:
+        snap.close()
+    machine.restored_from = str(path)
+    return machine
