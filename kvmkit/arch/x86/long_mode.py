@@ -38,8 +38,13 @@ MAX_IDENTITY_MAP = 512 * GIB  # one PDPT
 
 SELECTOR_CODE64 = 0x08
 SELECTOR_DATA = 0x10
-# null, 64-bit code (type 0xB, S, P, L, G), data (type 0x3, S, P, D/B, G)
-GDT = struct.pack("<3Q", 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+# Flat descriptors, base 0, limit 0xFFFFF pages: 64-bit code (type 0xB, S, P, L, G),
+# 32-bit code (type 0xB, S, P, D/B, G), data (type 0x3, S, P, D/B, G)
+CODE64_DESCRIPTOR = 0x00AF9B000000FFFF
+CODE32_DESCRIPTOR = 0x00CF9B000000FFFF
+DATA_DESCRIPTOR = 0x00CF93000000FFFF
+# null, 64-bit code, data
+GDT = struct.pack("<3Q", 0, CODE64_DESCRIPTOR, DATA_DESCRIPTOR)
 
 
 def page_table_bytes(top_gpa: int) -> int:
@@ -69,7 +74,8 @@ def identity_page_tables(base_gpa: int, top_gpa: int) -> bytes:
     return pml4 + pdpt + pds
 
 
-def _segment(selector: int, type_: int, long: int, db: int) -> kvm_segment:
+def flat_segment(selector: int, type_: int, long: int, db: int) -> kvm_segment:
+    """A present CPL0 code or data segment covering all 4 GiB (64-bit: the whole space)."""
     return kvm_segment(
         base=0,
         limit=0xFFFFFFFF,
@@ -84,15 +90,27 @@ def _segment(selector: int, type_: int, long: int, db: int) -> kvm_segment:
     )
 
 
-def long_mode_sregs(sregs: kvm_sregs, gdt_gpa: int, cr3: int) -> kvm_sregs:
-    """Fill `sregs` for flat 64-bit CPL0 execution with paging at `cr3`."""
-    sregs.cs = _segment(SELECTOR_CODE64, 0xB, long=1, db=0)
-    data = _segment(SELECTOR_DATA, 0x3, long=0, db=1)
+def long_mode_sregs(
+    sregs: kvm_sregs,
+    gdt_gpa: int,
+    cr3: int,
+    *,
+    code_selector: int = SELECTOR_CODE64,
+    data_selector: int = SELECTOR_DATA,
+    gdt_limit: int = len(GDT) - 1,
+    tr: kvm_segment | None = None,
+) -> kvm_sregs:
+    """Fill `sregs` for flat 64-bit CPL0 execution with paging at `cr3`. The defaults fit
+    `GDT`; another GDT passes its selectors, limit and task register."""
+    sregs.cs = flat_segment(code_selector, 0xB, long=1, db=0)
+    data = flat_segment(data_selector, 0x3, long=0, db=1)
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = kvm_segment(base=0, limit=0xFFFF, selector=0, type=0xB, present=1)
+    if tr is None:
+        tr = kvm_segment(base=0, limit=0xFFFF, selector=0, type=0xB, present=1)
+    sregs.tr = tr
     sregs.ldt = kvm_segment(base=0, limit=0xFFFF, selector=0, type=0x2, present=1)
     sregs.gdt.base = gdt_gpa
-    sregs.gdt.limit = len(GDT) - 1
+    sregs.gdt.limit = gdt_limit
     sregs.idt.base = 0
     sregs.idt.limit = 0
     sregs.cr0 = LONG_MODE_CR0
