@@ -480,6 +480,7 @@ def build_test_kernel(
         for name, rel in KEPT.items():
             shutil.copyfile(src / rel, staging / name)
         shutil.copyfile(work / INIT_NAME, staging / INIT_NAME)
+        shutil.copyfile(log, staging / "build.log")
         (staging / INITRAMFS_NAME).write_bytes(init_archive(init))
         manifest = {
             "hash": key,
