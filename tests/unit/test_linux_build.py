@@ -269,3 +269,19 @@ def test_cli_path_json_for_a_cached_build(tmp_path):
 def test_cli_rejects_a_bad_jobs_value(tmp_path):
     p = _cli("build", "--jobs", "zero", env={"KVMKIT_CACHE_DIR": str(tmp_path)})
     assert p.returncode == 2 and "--jobs 'zero' is not a number" in p.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the init")
+def test_the_init_builds_static_and_small(tmp_path):
+    data = build.build_init(PACKAGE_DIR, tmp_path / "init", tmp_path / "build.log")
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF64
+    assert len(data) < 64 * 1024  # the initramfs unpack is emulated: keep it small
+    # static: no program header of type PT_INTERP (3)
+    phoff = int.from_bytes(data[32:40], "little")
+    phentsize = int.from_bytes(data[54:56], "little")
+    phnum = int.from_bytes(data[56:58], "little")
+    types = [
+        int.from_bytes(data[phoff + i * phentsize : phoff + i * phentsize + 4], "little")
+        for i in range(phnum)
+    ]
+    assert 1 in types and 3 not in types
