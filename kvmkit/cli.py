@@ -5,7 +5,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from kvmkit import __version__, cli_check, cli_migrate, cli_snapshot
+from kvmkit import __version__, cli_check, cli_kernel, cli_migrate, cli_snapshot
 from kvmkit.api.server import ApiServer
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_snapshot.add_parsers(sub, _Parser)
     cli_check.add_parser(sub, _Parser)
     cli_migrate.add_parser(sub, _Parser)
+    cli_kernel.add_parser(sub, _Parser)
 
     sub.add_parser(
         "guests",
@@ -339,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "migrate": lambda a: cli_migrate.cmd_migrate(a, run_machine),
             "ctl": cli_snapshot.cmd_ctl,
             "check": cli_check.cmd_check,
+            "kernel": cli_kernel.cmd_kernel,
         }
         return commands[args.command](args)
     except ConfigError as e:
