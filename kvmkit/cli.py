@@ -11,9 +11,10 @@ from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.guests.build import BUILTIN
-from kvmkit.machine import Machine, MachineConfig, RunResult, build_for_boot
+from kvmkit.machine import Machine, MachineConfig, RunResult, VmResources, build_for_boot
 from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
 from kvmkit.machine.console import ConsoleInput, stdin_for_console
+from kvmkit.machine.resources import LinuxBoot
 from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_USAGE
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.hugepages import HUGEPAGE_SIZES
@@ -72,9 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--guest",
-        default="hello",
+        default=None,
         metavar="NAME|PATH",
         help="a built-in guest (below) or a flat binary file (default: hello)",
+    )
+    linux = run.add_argument_group(
+        "Linux guests",
+        "boot a Linux kernel instead of a guest program: an uncompressed vmlinux (fastest:"
+        " entered through PVH or the 64-bit boot protocol) or a bzImage",
+    )
+    linux.add_argument("--kernel", metavar="PATH", help="the kernel: vmlinux or bzImage")
+    linux.add_argument("--initrd", metavar="PATH", help="an initrd / initramfs to load with it")
+    linux.add_argument(
+        "--cmdline",
+        metavar="TEXT",
+        help="the kernel command line (default: console=ttyS0; with --test-kernel, the"
+        " test kernel's recommended one); kvmkit adds tsc_early_khz= from KVM",
+    )
+    linux.add_argument(
+        "--append", metavar="TEXT", default="", help="more command line, after the rest"
+    )
+    linux.add_argument(
+        "--boot-protocol",
+        choices=["auto", "pvh", "boot64"],
+        default="auto",
+        help="how to enter a vmlinux: PVH when it has the note (auto), or the 64-bit boot"
+        " protocol; a bzImage always uses the 64-bit boot protocol",
+    )
+    linux.add_argument(
+        "--test-kernel",
+        action="store_true",
+        help="boot the project's test kernel and initramfs ('kvmkit kernel build' builds"
+        " them once) with its recommended command line",
     )
     run.add_argument(
         "--memory",
@@ -225,7 +255,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         memory_bytes=parse_size(args.memory),
         vcpus=parse_int(args.vcpus, "vCPU count"),
         memory_backend=args.memory_backend,
-        guest=args.guest,
+        guest=args.guest or "hello",
         entry=None if args.entry is None else parse_int(args.entry, "entry"),
         mode=args.mode,
         console=args.console,
@@ -241,6 +271,34 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         if args.dirty_ring is None
         else parse_size(args.dirty_ring, "dirty ring size"),
     )
+
+
+def resources_from_args(args: argparse.Namespace) -> VmResources:
+    """The run's resources: a guest program, or a Linux kernel (--kernel, --test-kernel)."""
+    resources = config_from_args(args).resources()
+    if not (args.kernel or args.test_kernel):
+        for flag in ("initrd", "cmdline"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} goes with --kernel or --test-kernel")
+        return resources
+    if args.guest is not None:
+        raise ConfigError("--guest and --kernel both name what to boot: give one of them")
+    if args.kernel and args.test_kernel:
+        raise ConfigError("--kernel and --test-kernel both name a kernel: give one of them")
+    if args.test_kernel:
+        from kvmkit.guests.linux.build import find_test_kernel
+
+        tk = find_test_kernel()
+        if tk is None:
+            raise ConfigError("the test kernel is not built: run 'kvmkit kernel build' first")
+        kernel, initrd, cmdline = str(tk.vmlinux), str(tk.initramfs), tk.cmdline
+        initrd = args.initrd or initrd
+    else:
+        kernel, initrd, cmdline = args.kernel, args.initrd, "console=ttyS0"
+    if args.cmdline is not None:
+        cmdline = args.cmdline
+    cmdline = f"{cmdline} {args.append}".strip()
+    return resources.with_boot(LinuxBoot(kernel, initrd, cmdline, args.boot_protocol))
 
 
 def format_summary(r: RunResult) -> str:
@@ -263,8 +321,8 @@ def format_summary(r: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    return run_with_faults(args, lambda: run_machine(build_for_boot(config), args))
+    resources = resources_from_args(args)
+    return run_with_faults(args, lambda: run_machine(build_for_boot(resources), args))
 
 
 def run_machine(machine: Machine, args: argparse.Namespace) -> int:
@@ -283,11 +341,28 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
         print(f"kvmkit: {result.reason}\n{result.detail}", file=sys.stderr)
     if not args.quiet:
         print(format_summary(result), file=sys.stderr)
+        for note in run_notes(machine):
+            print(f"  note         {note}", file=sys.stderr)
         if machine.restored_from:
             print(f"  restored     from {machine.restored_from}", file=sys.stderr)
     elif result.status and not result.detail:
         print(f"kvmkit: {result.reason}", file=sys.stderr)
     return result.status
+
+
+def run_notes(machine: Machine) -> list[str]:
+    """What the build and a Linux guest's console tell about the run."""
+    notes = list(machine.notes)
+    kernel = machine.control.kernel
+    if kernel is not None:
+        if kernel.decompressed_s is not None:
+            notes.append(
+                f"the bzImage decompressor ran {kernel.decompressed_s:.1f} s before the kernel"
+                " started (emulated on this host: boot the uncompressed vmlinux to skip it)"
+            )
+        if kernel.first_line_s is not None:
+            notes.append(f"first console line after {kernel.first_line_s:.2f} s")
+    return notes
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

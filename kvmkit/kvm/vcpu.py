@@ -263,6 +263,10 @@ class Vcpu:
     def set_vcpu_events(self, events: kvm_vcpu_events) -> None:
         kvm_ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, events)
 
+    def get_tsc_khz(self) -> int:
+        """The vCPU's TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return kvm_ioctl(self.fd, ioctls.KVM_GET_TSC_KHZ)
+
     def get_mp_state(self) -> int:
         return int(self._get(ioctls.KVM_GET_MP_STATE, kvm_mp_state).mp_state)
 

@@ -12,9 +12,10 @@ Anything that fails on the way closes what was built and raises; nothing runs.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Protocol
 
+from kvmkit.arch.x86.guest_cpuid import PVM_HIDDEN
 from kvmkit.devices.bus import Device
 from kvmkit.devices.console import ConsoleOutput
 from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT, DebugExit
@@ -26,14 +27,15 @@ from kvmkit.devices.serial import COM1_BASE, COM1_IRQ, UART_REGS, Serial16550
 from kvmkit.errors import ConfigError
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
 from kvmkit.hostcheck.probes import guest_memfd_runs_unmapped
-from kvmkit.kvm import Kvm, KvmUnsupportedError, Vcpu
+from kvmkit.kvm import Kvm, KvmError, KvmUnsupportedError, Vcpu
+from kvmkit.machine import linux_boot
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
 from kvmkit.machine.console import open_console
 from kvmkit.machine.device_manager import DeviceManager
 from kvmkit.machine.event_loop import EventLoop
 from kvmkit.machine.machine import Machine, MachineParts
-from kvmkit.machine.resources import VmResources
+from kvmkit.machine.resources import LinuxBoot, ProgramBoot, VmResources
 from kvmkit.machine.run_control import RunControl
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
@@ -99,6 +101,7 @@ class _Assembly:
         self.vcpus: list[Vcpu] = []
         self.plan: BootPlan | None = None
         self.dirty_rings: DirtyRings | None = None
+        self.notes: list[str] = []
 
     def platform(self, irqchip: bool, dirty_ring_bytes: int) -> None:
         if dirty_ring_bytes:  # before the first vCPU
@@ -131,6 +134,7 @@ class _Assembly:
                 resources=resources,
                 plan=self.plan,
                 dirty_rings=self.dirty_rings,
+                notes=self.notes,
             )
         )
 
@@ -229,7 +233,7 @@ def build_for_boot(
     try:
         spec, boot = resources.machine, resources.boot
         resources.validate(max_vcpus=a.kvm.check_extension(Cap.MAX_VCPUS))
-        image = boot.image()
+        image = boot.image() if isinstance(boot, ProgramBoot) else b""
         a.platform(spec.irqchip, spec.dirty_ring_bytes)
         a.memory = GuestMemory(
             a.vm,
@@ -240,32 +244,70 @@ def build_for_boot(
             prealloc=spec.prealloc,
             no_direct_map=spec.hide == "direct-map",
         )
-        if boot.cpu_mode == "long":
-            flags = BOOT_FLAG_PVM_HOST if a.kvm.is_pvm else 0
-            a.plan = load_long_mode(
-                a.memory, image, boot.load_addr, spec.vcpus, boot.guest_arg, flags
-            )
-        else:
-            a.plan = load_real_mode(a.memory, image, boot.load_addr)
         a.console = open_console(resources.console.target, console)
         a.add_platform_devices(None)
+        for i in range(spec.vcpus):
+            a.vcpus.append(a.vm.create_vcpu(i))
+        if isinstance(boot, LinuxBoot):
+            record = _boot_linux(a, boot, spec.vcpus, spec.irqchip)
+        else:
+            record = _boot_program(a, boot, spec.vcpus, spec.irqchip, image)
         if spec.hide != "off":
             _hide_guest_memory(a)
-        supported = a.kvm.supported_cpuid()
-        for i in range(spec.vcpus):
-            vcpu = a.vm.create_vcpu(i)
-            a.vcpus.append(vcpu)
-            setup_vcpu(vcpu, a.plan, supported)
-            if spec.irqchip and i > 0:  # an AP would wait for INIT/SIPI: start it as well
-                vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)
         _dirty_rings(a, spec.dirty_ring_bytes)
-        kind = "program" if boot.program is not None else "file"
-        record = BootRecord(kind, boot.guest, boot.guest_arg, boot.cpu_mode)  # type: ignore[arg-type]
         description = _describe(a, spec.vcpus, spec.hugepage_size, spec.irqchip, record)
+        if isinstance(boot, LinuxBoot):
+            description = replace(description, unclaimed_io="ignore")
         return a.machine(description, resources)
     except BaseException:
         a.close()
         raise
+
+
+def _boot_program(
+    a: _Assembly, boot: ProgramBoot, nr_vcpus: int, irqchip: bool, image: bytes
+) -> BootRecord:
+    """Load a guest program and set every vCPU up to enter it."""
+    assert a.memory is not None
+    if boot.cpu_mode == "long":
+        flags = BOOT_FLAG_PVM_HOST if a.kvm.is_pvm else 0
+        a.plan = load_long_mode(a.memory, image, boot.load_addr, nr_vcpus, boot.guest_arg, flags)
+    else:
+        a.plan = load_real_mode(a.memory, image, boot.load_addr)
+    supported = a.kvm.supported_cpuid()
+    for vcpu in a.vcpus:
+        setup_vcpu(vcpu, a.plan, supported)
+        if irqchip and vcpu.index > 0:  # an AP would wait for INIT/SIPI: start it as well
+            vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)
+    kind = "program" if boot.program is not None else "file"
+    return BootRecord(kind, boot.guest, boot.guest_arg, boot.cpu_mode)  # type: ignore[arg-type]
+
+
+def _boot_linux(a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool) -> BootRecord:
+    """Load a Linux kernel; the boot vCPU enters it, the others wait for its SIPI."""
+    assert a.memory is not None and a.devices is not None and a.console is not None
+    try:
+        tsc_khz: int | None = a.vcpus[0].get_tsc_khz()
+    except KvmError:
+        tsc_khz = None
+    irqs = sorted(p.gsi for p in a.devices.placements.values() if p.gsi is not None and p.gsi > 15)
+    supported = a.kvm.supported_cpuid()
+    hide = PVM_HIDDEN if a.kvm.is_pvm else ()
+    extra = linux_boot.guest_cpuid_params(a.vcpus[0], supported, hide)
+    if extra:
+        a.notes.append(
+            f"this host's KVM answers CPUID itself, so kvmkit asked the guest on its command"
+            f" line to leave {', '.join(hide)} alone ({' '.join(extra)})"
+        )
+    plan = linux_boot.load(a.memory, boot, nr_vcpus, tsc_khz, irqs, extra)
+    for vcpu in a.vcpus:
+        linux_boot.setup_vcpu(vcpu, plan, supported, nr_vcpus, a.kvm.is_pvm, irqchip, a.memory)
+    kernel = linux_boot.KernelConsole()
+    a.control.kernel = kernel
+    a.console.line_watchers.append(kernel.line)
+    a.notes.extend(plan.notes)
+    cmdline = linux_boot.compose_cmdline(boot.cmdline, tsc_khz, extra)
+    return BootRecord("linux", boot.kernel, 0, "long", cmdline)
 
 
 def _dirty_rings(a: _Assembly, ring_bytes: int) -> None:

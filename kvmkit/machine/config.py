@@ -96,21 +96,24 @@ class MachineConfig:
                 irqchip=self.irqchip,
                 dirty_ring_bytes=self.dirty_ring_bytes,
             ),
-            boot=ProgramBoot(self.guest, self.entry, self.mode, self.guest_arg),
+            boot=self.boot(),
             console=ConsoleSpec(self.console),
         )
 
+    def boot(self) -> ProgramBoot:
+        return ProgramBoot(self.guest, self.entry, self.mode, self.guest_arg)
+
     @property
     def program(self) -> GuestProgram | None:
-        return self.resources().boot.program
+        return self.boot().program
 
     @property
     def cpu_mode(self) -> str:
-        return self.resources().boot.cpu_mode
+        return self.boot().cpu_mode
 
     @property
     def load_addr(self) -> int:
-        return self.resources().boot.load_addr
+        return self.boot().load_addr
 
     def validate(self, max_vcpus: int | None = None) -> None:
         """Raise ConfigError for the first problem found. `max_vcpus` is the host's

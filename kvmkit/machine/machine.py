@@ -72,6 +72,7 @@ class MachineParts:
     resources: VmResources | None
     plan: BootPlan | None
     dirty_rings: DirtyRings | None
+    notes: list[str]
 
 
 class Machine:
@@ -95,6 +96,7 @@ class Machine:
         self.resources = parts.resources
         self.plan = parts.plan
         self.dirty_rings = parts.dirty_rings
+        self.notes = parts.notes  # what the build found worth telling (bzImage speed, ...)
         self.stopping = self.control.stopping
         self.attention = self.control.attention
         self.gate = self.control.gate
@@ -202,6 +204,10 @@ class Machine:
             self.vcpu_halted(index)
             return False
 
+        def on_shutdown() -> bool:  # a Linux guest's last way to reboot
+            control.guest_reset("triple fault")
+            return False
+
         rings = self.dirty_rings
         return VcpuPort(
             index=index,
@@ -217,6 +223,7 @@ class Machine:
             on_ring_full=(lambda: rings.harvest_full(index)) if rings is not None else None,
             device_faults=faults.active() is not None,
             ignore_unclaimed=self.description.unclaimed_io == "ignore",
+            on_shutdown=on_shutdown if self.description.boot.kind == "linux" else None,
         )
 
     def _vcpu_thread(self, port: VcpuPort) -> None:
@@ -273,10 +280,10 @@ class Machine:
             self._halted.add(index)
             everyone = len(self._halted) == len(self.vcpus)
         if everyone:
-            self.stop(EXIT_OK, "all vCPUs halted")
+            self.control.all_halted()
 
     def _all_idle(self) -> None:
-        self.stop(EXIT_OK, "all vCPUs halted")
+        self.control.all_halted()
 
     # -- pause and resume (from a controller thread) -------------------------------------
     @property

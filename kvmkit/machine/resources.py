@@ -166,6 +166,44 @@ class ProgramBoot:
             raise ConfigError(f"guest file {self.guest!r} is empty")
 
 
+BOOT_PROTOCOLS = ("auto", "pvh", "boot64")
+MAX_CMDLINE = 1 << 16
+
+
+@dataclass(frozen=True)
+class LinuxBoot:
+    """Boot a Linux kernel: an uncompressed vmlinux (entered through PVH or the 64-bit
+    boot protocol) or a bzImage, with an optional initrd and a command line (to which
+    kvmkit adds what the host needs: see kvmkit/machine/linux_boot.py)."""
+
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = "console=ttyS0"
+    protocol: str = "auto"
+
+    def validate(self, memory_bytes: int) -> None:
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is None:
+                continue
+            p = Path(path)
+            if not p.exists():
+                raise ConfigError(f"{what} {path} does not exist")
+            if not p.is_file() or not os.access(p, os.R_OK):
+                raise ConfigError(f"cannot read {what} {path}: it must be a readable file")
+        if self.protocol not in BOOT_PROTOCOLS:
+            raise ConfigError(
+                f"unknown boot protocol {self.protocol!r}: choose {', '.join(BOOT_PROTOCOLS)}"
+            )
+        if len(self.cmdline) > MAX_CMDLINE or "\0" in self.cmdline:
+            raise ConfigError(
+                f"the kernel command line is {len(self.cmdline)} characters or holds a NUL:"
+                " give a shorter one"
+            )
+
+
+BootSource = ProgramBoot | LinuxBoot
+
+
 @dataclass(frozen=True)
 class ConsoleSpec:
     """Where the UART's output goes: None for stdout, "none" to discard, else a file."""
@@ -188,14 +226,14 @@ class VmResources:
     """Everything a machine is built from. Immutable: `with_*` gives a changed copy."""
 
     machine: MachineSpec = field(default_factory=MachineSpec)
-    boot: ProgramBoot = field(default_factory=ProgramBoot)
+    boot: BootSource = field(default_factory=ProgramBoot)
     console: ConsoleSpec = field(default_factory=ConsoleSpec)
 
     def with_machine(self, spec: MachineSpec) -> "VmResources":
         spec.validate()
         return replace(self, machine=spec)
 
-    def with_boot(self, boot: ProgramBoot) -> "VmResources":
+    def with_boot(self, boot: BootSource) -> "VmResources":
         return replace(self, boot=boot)
 
     def with_console(self, console: ConsoleSpec) -> "VmResources":
@@ -207,3 +245,8 @@ class VmResources:
         self.machine.validate(max_vcpus)
         self.boot.validate(self.machine.memory_bytes)
         self.console.validate()
+        if isinstance(self.boot, LinuxBoot) and self.machine.vcpus > 1 and not self.machine.irqchip:
+            raise ConfigError(
+                "Linux on more than one vCPU needs the in-kernel irqchip (its APs start by"
+                " INIT/SIPI through the LAPIC): drop --no-irqchip or use --vcpus 1"
+            )

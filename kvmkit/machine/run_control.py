@@ -4,6 +4,7 @@ watches; the pause gate; what the guest's own devices ask (exit, reset)."""
 import threading
 from collections.abc import Callable
 
+from kvmkit.machine.linux_boot import KernelConsole
 from kvmkit.machine.pause import PauseGate
 from kvmkit.machine.result import EXIT_GUEST_CRASH, EXIT_HOST_ERROR, EXIT_OK, RunResult
 
@@ -15,7 +16,7 @@ class RunControl:
         self.gate = PauseGate(self.attention, self.stopping)
         self.result: RunResult | None = None
         self.kick_all: Callable[[], None] = lambda: None  # set by the machine
-        self.panic: str | None = None  # the guest kernel's panic line, if it printed one
+        self.kernel: KernelConsole | None = None  # a Linux guest's console, as read
         self._lock = threading.Lock()
 
     def stop(self, status: int, reason: str, detail: str = "") -> None:
@@ -31,16 +32,38 @@ class RunControl:
 
     # -- what devices and the event loop report --------------------------------------------
     def guest_exit(self, value: int) -> None:
-        """The debug-exit port: the guest's own status."""
-        self.stop(value & 0xFF, f"guest exited with status {value}")
-
-    def guest_reset(self) -> None:
-        """A reset request (the i8042's pulse): after a kernel panic it is the panic's
-        reboot; otherwise the guest rebooted, which ends the run."""
-        if self.panic is not None:
-            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {self.panic}")
+        """The debug-exit port: the guest's own status (a Linux guest's power-off with
+        poweroff_port=0x501 writes 0 here)."""
+        kernel = self.kernel
+        if kernel is not None and kernel.panic is not None:
+            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
+        elif kernel is not None and kernel.power_down and value == 0:
+            self.stop(EXIT_OK, "guest powered off")
         else:
-            self.stop(EXIT_OK, "guest rebooted (reset through the i8042 controller)")
+            self.stop(value & 0xFF, f"guest exited with status {value}")
+
+    def guest_reset(self, how: str = "reset through the i8042 controller") -> None:
+        """A reset request (the i8042's pulse, or a Linux guest's triple fault): after a
+        kernel panic it is the panic's reboot; otherwise the guest rebooted, which ends
+        the run."""
+        kernel = self.kernel
+        if kernel is not None and kernel.panic is not None:
+            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
+        elif kernel is not None and kernel.power_down:
+            self.stop(EXIT_OK, "guest powered off")
+        else:
+            self.stop(EXIT_OK, f"guest rebooted ({how})")
+
+    def all_halted(self) -> None:
+        """Every vCPU halted for good: the end of a built-in guest, or a Linux kernel
+        that halted after "Power down" (no way to power off without ACPI)."""
+        kernel = self.kernel
+        if kernel is not None and kernel.panic is not None:
+            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
+        elif kernel is not None and kernel.power_down:
+            self.stop(EXIT_OK, "guest powered off (every vCPU halted after 'Power down')")
+        else:
+            self.stop(EXIT_OK, "all vCPUs halted")
 
     def device_error(self, owner: str, error: BaseException) -> None:
         self.stop(EXIT_HOST_ERROR, f"{owner}: internal error: {type(error).__name__}: {error}")

@@ -49,6 +49,7 @@ class VcpuPort:
     on_hlt: Handler  # a HLT exit (only without an in-kernel LAPIC)
     describe: Callable[[], str] = lambda: ""  # the registers, for crash reports
     on_ring_full: Callable[[], None] | None = None
+    on_shutdown: Handler | None = None  # a triple fault (else: a guest crash)
     device_faults: bool = False  # consult the fault plan's device.io site per access
     ignore_unclaimed: bool = False  # an access no device claims: ignore it (reads get ~0)
     unclaimed: int = 0  # how many were ignored
@@ -112,6 +113,8 @@ def handlers(port: VcpuPort) -> dict[int, Handler]:
         return True
 
     table: dict[int, Handler] = {IO: on_io, MMIO: on_mmio, INTR: port.on_kick, HLT: port.on_hlt}
+    if port.on_shutdown is not None:
+        table[SHUTDOWN] = port.on_shutdown
     if port.on_ring_full is not None:
         harvest = port.on_ring_full
 
