@@ -302,12 +302,18 @@ def _boot_linux(a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool) -> 
     plan = linux_boot.load(a.memory, boot, nr_vcpus, tsc_khz, irqs, extra)
     for vcpu in a.vcpus:
         linux_boot.setup_vcpu(vcpu, plan, supported, nr_vcpus, a.kvm.is_pvm, irqchip, a.memory)
-    kernel = linux_boot.KernelConsole()
-    a.control.kernel = kernel
-    a.console.line_watchers.append(kernel.line)
+    _watch_kernel(a)
     a.notes.extend(plan.notes)
     cmdline = linux_boot.compose_cmdline(boot.cmdline, tsc_khz, extra)
     return BootRecord("linux", boot.kernel, 0, "long", cmdline)
+
+
+def _watch_kernel(a: _Assembly) -> None:
+    """Read a Linux guest's console for how it ends (panic, power down, restart)."""
+    assert a.console is not None
+    kernel = linux_boot.KernelConsole()
+    a.control.kernel = kernel
+    a.console.line_watchers.append(kernel.line)
 
 
 def _dirty_rings(a: _Assembly, ring_bytes: int) -> None:
@@ -381,6 +387,8 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
         check_layout(d, a.memory)
         saved = source.load(a.memory)
         a.console = open_console(options.console, options.console_stream)
+        if d.boot.kind == "linux":
+            _watch_kernel(a)
         _check_devices(d)
         a.add_platform_devices(saved)
         for i in range(d.vcpus):

@@ -206,7 +206,14 @@ def build_hash(inputs: str, source: str) -> str:
     return hashlib.sha256(f"{inputs}\n{source}\n".encode()).hexdigest()[:16]
 
 
+LINUX_CACHE_ENV = "KVMKIT_LINUX_CACHE_DIR"
+
+
 def linux_cache_root() -> Path:
+    """Where test kernels are cached: $KVMKIT_LINUX_CACHE_DIR, else the kvmkit cache's
+    linux/ (a test session that isolates the guest cache keeps the kernel cache)."""
+    if env := os.environ.get(LINUX_CACHE_ENV):
+        return Path(env)
     return cache_dir() / "linux"
 
 
