@@ -267,6 +267,7 @@ class SnapshotFile:
             f"snapshot {self.path}",
             size=st.st_size if stat.S_ISREG(st.st_mode) else None,  # not a pipe's 0
             kind="snapshot",
+            keep_heads=True,
         )
         try:
             self.saved: SavedMachine = read_machine(self.reader)

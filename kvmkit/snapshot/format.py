@@ -276,7 +276,9 @@ class StreamReader:
     left is refused as truncated before it is read, and bytes after the END section
     are refused. `peer`: who sends the stream (a socket): an early end is then "`peer`
     closed the connection" rather than "truncated". `kind` is what the stream is
-    called when its magic is wrong ("snapshot", "migration stream")."""
+    called when its magic is wrong ("snapshot", "migration stream"). `keep_heads`
+    keeps every section head read in `heads` (for `inspect`; a migration stream's
+    reader keeps none, so a long stream costs nothing per section)."""
 
     def __init__(
         self,
@@ -286,6 +288,7 @@ class StreamReader:
         size: int | None = None,
         peer: str | None = None,
         kind: str = "state stream",
+        keep_heads: bool = False,
     ) -> None:
         self.source = source
         self.what = what
@@ -298,6 +301,7 @@ class StreamReader:
         self.version = 0
         self.ended = False
         self.heads: list[SectionHead] = []
+        self._keep_heads = keep_heads
         self._decompressor: Any = None
         self._checksums = Checksummer("kvmkit-crc-read")
         self._failures: list[str] = []  # checksum mismatches found on the helper
@@ -415,7 +419,8 @@ class StreamReader:
         self._check_head(head, limit)
         self._check_room(head.label, head.stored_bytes + _CRC.size)
         self.sections += 1
-        self.heads.append(head)
+        if self._keep_heads:
+            self.heads.append(head)
         return head
 
     @staticmethod
