@@ -302,7 +302,6 @@ class StreamReader:
         self.ended = False
         self.heads: list[SectionHead] = []
         self._keep_heads = keep_heads
-        self._decompressor: Any = None
         self._checksums = Checksummer("kvmkit-crc-read")
         self._failures: list[str] = []  # checksum mismatches found on the helper
 
@@ -440,9 +439,8 @@ class StreamReader:
         most = SECTION_LIMITS[tag] if limit is None else limit
         if max(stored, raw) > most:
             raise StreamFormatError(
-                f"{what}: {head.label}: claims {size_text(max(stored, raw))}, more than a"
-                f" {section_label(tag)} section holds here ({size_text(most)}): the stream is"
-                " damaged or was not written by kvmkit"
+                f"{what}: {head.label}: claims {size_text(max(stored, raw))}, over its limit"
+                f" of {size_text(most)}: the stream is damaged or was not written by kvmkit"
             )
         if head.flags & FLAG_ZSTD:
             if tag == END or stored >= raw:
@@ -556,8 +554,9 @@ class StreamReader:
         before it is decompressed, and one without a size is cut off at the raw
         length."""
         zstd = _zstd()
-        if self._decompressor is None:
-            self._decompressor = zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        # One decompressor per payload: the lazy restore's threads call pread_section
+        # at once, and a zstd context is not for two threads (it costs microseconds).
+        decompressor = zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         try:
             declared = zstd.frame_content_size(data)
             if declared not in (-1, head.raw_bytes):
@@ -566,7 +565,7 @@ class StreamReader:
                     f" {size_text(declared)}, the section {head.raw_bytes}: refused without"
                     " decompressing"
                 )
-            raw = self._decompressor.decompress(data, max_output_size=head.raw_bytes)
+            raw = decompressor.decompress(data, max_output_size=head.raw_bytes)
         except zstd.ZstdError as e:
             raise StreamFormatError(f"{self.what}: {head.label}: cannot decompress: {e}") from None
         if len(raw) != head.raw_bytes:

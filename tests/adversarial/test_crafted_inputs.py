@@ -163,5 +163,8 @@ def test_a_page_section_claiming_4_gib_is_refused_from_its_head():
         a.sendall(prelude({"kind": "migration"}) + head(PAGES, 4 * GIB))
         r = StreamReader(b.makefile("rb", buffering=0), "the migration stream", peer="the source")
         r.read_header()
-        with pytest.raises(StreamFormatError, match="claims 4294967296 bytes .* more than a guest"):
+        with pytest.raises(
+            StreamFormatError,
+            match=r"section 0 \(guest pages, .*claims 4294967296 bytes .*, over its limit",
+        ):
             r.next_section()
