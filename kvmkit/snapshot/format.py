@@ -185,11 +185,12 @@ class Checksummer:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
         self._last = self._pool.submit(work)
 
-    def add(self, crc: _Crc, piece: memoryview) -> None:
-        """Fold `piece` into `crc`; the piece must not change until `wait()`."""
+    def add(self, crc: _Crc, pieces: list[memoryview]) -> None:
+        """Fold `pieces` into `crc`, in order; they must not change until `wait()`."""
 
         def fold() -> None:
-            crc.value = zlib.crc32(piece, crc.value)
+            for piece in pieces:
+                crc.value = zlib.crc32(piece, crc.value)
 
         self.then(fold)
 
@@ -245,8 +246,7 @@ class StreamWriter:
         self._write(head + _CRC.pack(zlib.crc32(head)))
         crc = _Crc()
         if stored >= PARALLEL_CRC_BYTES:  # checksummed on the helper while written
-            for p in views:
-                self._checksums.add(crc, p)
+            self._checksums.add(crc, views)
             try:
                 for p in views:
                     self._write(p)
@@ -621,6 +621,8 @@ class Payload:
         self.left = head.raw_bytes
         self._crc = _Crc()
         self._on_helper = head.stored_bytes >= PARALLEL_CRC_BYTES
+        self._batch: list[memoryview] = []  # pieces not yet handed to the helper
+        self._batch_bytes = 0
         self._plain: memoryview | None = None
         self._at = 0
         if head.flags & FLAG_ZSTD:
@@ -638,10 +640,20 @@ class Payload:
         self.left -= n
 
     def _checksum(self, piece: memoryview) -> None:
-        if self._on_helper:
-            self.reader._checksums.add(self._crc, piece)
-        else:
+        """Small pieces (a page run) go to the helper in batches of PIECE_BYTES, so a
+        section of many short runs costs few hand-overs."""
+        if not self._on_helper:
             self._crc.value = zlib.crc32(piece, self._crc.value)
+            return
+        self._batch.append(piece)
+        self._batch_bytes += len(piece)
+        if self._batch_bytes >= PIECE_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self.reader._checksums.add(self._crc, self._batch)
+            self._batch, self._batch_bytes = [], 0
 
     def read(self, n: int) -> memoryview:
         """The next `n` bytes, in a new buffer."""
@@ -680,6 +692,7 @@ class Payload:
         if self._plain is None:
             stored = reader._read_crc(head.label)
             if self._on_helper:
+                self._hand_over()
                 crc = self._crc
                 reader._checksums.then(lambda: reader._compare(head, stored, crc.value, False))
             else:
