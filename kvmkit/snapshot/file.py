@@ -187,7 +187,11 @@ def save(
         _publish(fd, tmp, target)
         os.close(fd)
         fd, tmp = -1, None
-        _fsync_dir(target.parent)
+        try:
+            _fsync_dir(target.parent)
+        except OSError:
+            _discard(-1, target)  # in place but perhaps not durable: as the message says
+            raise
     except OSError as e:
         _discard(fd, tmp)
         name = errno_mod.errorcode.get(e.errno or 0, "error")
