@@ -666,17 +666,17 @@ class Payload:
         return view
 
     def readinto(self, view: memoryview) -> None:
-        """The next len(view) bytes, into `view`."""
+        """The next len(view) bytes, into `view` (in as few reads as the source allows:
+        one 4 MiB read of a cold file beats four of 1 MiB; its checksum overlaps the
+        reading of what comes next)."""
         view = view.cast("B") if view.format != "B" else view
         self._take(len(view))
         if self._plain is not None:
             view[:] = self._plain[self._at : self._at + len(view)]
             self._at += len(view)
             return
-        for at in range(0, len(view), PIECE_BYTES):
-            piece = view[at : at + PIECE_BYTES]
-            self.reader._read_exact(piece, self.head.label)
-            self._checksum(piece)
+        self.reader._read_exact(view, self.head.label)
+        self._checksum(view)
 
     def finish(self, wait: bool = True) -> None:
         """All read: read the stored checksum and compare. `wait=False` leaves a
