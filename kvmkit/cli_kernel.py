@@ -44,7 +44,8 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
     build.add_argument(
         "--install-deps",
         action="store_true",
-        help="first run apt-get update and install the build prerequisites (root only)",
+        help="when a build is needed and a prerequisite is missing, apt-get update and"
+        " install them first (root only); with a cached build it does nothing",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if a build is cached")
     build.add_argument(
@@ -107,15 +108,13 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         print(f"kvmkit kernel: {message}", file=sys.stderr, flush=True)
 
     say = None if args.quiet else progress
-    if args.install_deps:
-        build.install_prerequisites(say)
-    if args.force:
+    kernel = None if args.force else build.find_test_kernel()
+    if kernel is None:
+        # apt-get only when something is missing: a cached build needs nothing
+        if args.install_deps and build.why_unbuildable() is not None:
+            build.install_prerequisites(say)
         kernel = build.build_test_kernel(
-            jobs=jobs, progress=say, force=True, keep_source=args.keep_source
-        )
-    else:
-        kernel = build.find_test_kernel() or build.build_test_kernel(
-            jobs=jobs, progress=say, keep_source=args.keep_source
+            jobs=jobs, progress=say, force=args.force, keep_source=args.keep_source
         )
     print(_describe(kernel, False))
     return 0

@@ -18,9 +18,11 @@ SNAPSHOT_EPILOG = """\
 a snapshot captures a running machine exactly: every vCPU's registers, FPU/xsave,
 MSRs, events and debug registers; the VM's clock (and irqchip/PIT when present);
 every device's registers; and the populated pages of guest RAM (found with
-mincore on guest_memfd, SEEK_DATA/SEEK_HOLE on memfd). The file is written to a
-temporary name, fsynced and renamed: a failed write leaves no file and the VM as
-it was. Every section is checksummed; restore verifies all of them first.
+mincore on guest_memfd, SEEK_DATA/SEEK_HOLE on memfd). The file is written
+unnamed (O_TMPFILE; else under a hidden .NAME.partial-PID name), fsynced and
+linked into place: a failed or killed write leaves no file and the VM as it was.
+Every section is checksummed and bounded; restore verifies all of them first, and
+inspect reads every section, verifying each checksum.
 
 examples:
   kvmkit run --guest counter --api-socket /tmp/vm.sock &

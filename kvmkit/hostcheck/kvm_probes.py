@@ -14,6 +14,7 @@ from typing import Any
 
 from kvmkit import libc
 from kvmkit.arch.x86.cpuid_features import decode_features, pmu_version
+from kvmkit.arch.x86.guest_cpuid import linux_cpuid
 from kvmkit.arch.x86.real_mode import real_mode_regs, real_mode_sregs
 from kvmkit.errors import KvmkitError
 from kvmkit.hostcheck.host_facts import host_facts, module_params
@@ -189,6 +190,33 @@ def probe_vm_types(kvm: Kvm) -> tuple[bool, str]:
     return True, f"created: {', '.join(made)}"
 
 
+XSAVE_BIT = 1 << 26  # CPUID leaf 1 ECX
+
+
+def probe_cpuid_honoured(kvm: Kvm) -> tuple[bool, str]:
+    """Does a vCPU's CPUID follow KVM_SET_CPUID2? Set leaf 1 with XSAVE cleared and
+    read it back: PVM hosts answer from the CPU itself."""
+    supported = kvm.supported_cpuid()
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(linux_cpuid(supported, 0, 1, ("xsave",)))
+        leaf1 = next((e for e in vcpu.get_cpuid() if e.function == 1), None)
+    if leaf1 is None:
+        return False, "no CPUID leaf 1 reads back"
+    if leaf1.ecx & XSAVE_BIT:
+        return False, (
+            f"leaf 1 reads back ECX {leaf1.ecx:#x} with XSAVE set after the VMM cleared it:"
+            " the VMM cannot hide CPU features from a guest"
+        )
+    return True, "the vCPU's CPUID is what the VMM set"
+
+
+def probe_tsc_khz(kvm: Kvm) -> tuple[bool, str]:
+    with kvm.create_vm() as vm:
+        khz = vm.create_vcpu(0).get_tsc_khz()
+    return khz > 0, f"KVM_GET_TSC_KHZ = {khz} kHz (kvmkit passes it as tsc_early_khz=)"
+
+
 def probe_irqchip(kvm: Kvm) -> tuple[bool, str]:
     with kvm.create_vm() as vm:
         vm.create_irqchip()
@@ -260,6 +288,8 @@ PROBES: dict[str, tuple[str, Probe]] = {
     ),
     "dirty_ring": ("enable the dirty ring", probe_dirty_ring),
     "irqchip": ("in-kernel irqchip and PIT", probe_irqchip),
+    "cpuid_honoured": ("a vCPU's CPUID follows KVM_SET_CPUID2", probe_cpuid_honoured),
+    "tsc_khz": ("the vCPU's TSC frequency from KVM_GET_TSC_KHZ", probe_tsc_khz),
     "userfaultfd": ("userfaultfd missing mode on guest memory", probe_userfaultfd),
     "vpmu": ("a virtual PMU for guests", probe_vpmu),
     "guest_memfd_unmapped": (

@@ -259,6 +259,50 @@ PRIVATE = R(
 )
 
 
+def not_pvm(why: str) -> Check:
+    def check(facts: Facts) -> tuple[bool, str]:
+        have = facts["host"]["kvm_backend"]
+        return have != "pvm", f"KVM backend is {have}" + (f": {why}" if have == "pvm" else "")
+
+    return check
+
+
+LINUX_GUEST = (
+    DEV_KVM,
+    API,
+    IRQCHIP,
+    R(
+        "tsc-khz",
+        "KVM_GET_TSC_KHZ answers",
+        "the guest is told its TSC frequency (tsc_early_khz=): under emulation its own PIT"
+        " calibration fails and it falls back to jiffies",
+        "any Linux with KVM",
+        probe("tsc_khz"),
+    ),
+    R(
+        "cpuid-honoured",
+        "a vCPU's CPUID is what the VMM sets (KVM_SET_CPUID2)",
+        "the VMM hides from a guest what the host cannot run; where it cannot, the guest's"
+        " command line must (kvmkit adds noxsave clearcpuid=popcnt,smap,erms,fsrm on PVM)",
+        "KVM on VMX or SVM",
+        probe("cpuid_honoured"),
+        "recommended",
+    ),
+    R(
+        "stock-kernel-syscalls",
+        "a stock Linux kernel's system calls work in the guest",
+        "a stock kernel reaches userspace only where user-mode SYSCALL enters its kernel",
+        "KVM on VMX or SVM; on PVM, a guest kernel that handles the user #PF at LSTAR"
+        " (kvmkit's test kernel: kvmkit kernel build) or a PVM-aware one",
+        not_pvm(
+            "user-mode SYSCALL reaches the guest kernel's U=0 pages and faults: boot a"
+            " patched kernel (kvmkit kernel build)"
+        ),
+        "recommended",
+    ),
+)
+
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -268,6 +312,7 @@ PROFILES: dict[str, Profile] = {
             (DEV_KVM, API, USER_MEMORY, IRQCHIP),
         ),
         Profile("guest-memfd", "guest memory in guest_memfd", (DEV_KVM, API, GMEM, GMEM_CREATE)),
+        Profile("linux-guest", "Linux guests (kvmkit run --kernel)", LINUX_GUEST),
         Profile(
             "guest-memfd-mmap",
             "guest_memfd the VMM can map (kvmkit's default)",

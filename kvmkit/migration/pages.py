@@ -3,28 +3,40 @@
 A PAGES section holds runs of 4 KiB pages of the guest RAM file: `u32 count`, then
 `count` records `u64 file offset, u32 pages, u32 kind` (0: the data follows, 1: zero
 pages, sent as a marker only), then the data of the data runs, in order. A section
-carries at most `SECTION_DATA_BYTES` of data. An ITERATION section (JSON) opens each
-pre-copy iteration.
+carries at most `SECTION_DATA_BYTES` of data and `MAX_RECORDS` records. An ITERATION
+section (JSON, `IterationInfo`) opens each pre-copy iteration.
 """
 
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.snapshot.format import (
     PAGES,
-    PayloadCursor,
+    SECTION_LIMITS,
+    Payload,
     StreamFormatError,
     StreamWriter,
+    json_bool,
+    json_int,
+    json_object,
+    json_str,
+    unpack_json,
 )
 
 DATA, ZERO = 0, 1
 SECTION_DATA_BYTES = 4 << 20
+MAX_RECORDS = 1 << 16  # per section: a record table of at most 1 MiB
+ANNOUNCED_RUNS = 4096  # the first pass tells the target its runs, up to this many
+MAX_ITERATIONS = 1 << 20
+PHASES = ("precopy", "state")  # what an ITERATION's "phase" may say
 _COUNT = struct.Struct("<I")
 _RUN = struct.Struct("<QII")
 _ZERO_PAGE = bytes(PAGE_SIZE)
+MAX_SECTION_BYTES = _COUNT.size + MAX_RECORDS * _RUN.size + SECTION_DATA_BYTES
+assert MAX_SECTION_BYTES <= SECTION_LIMITS[PAGES]
 
 
 @dataclass
@@ -95,6 +107,7 @@ def send_pages(
     def flush() -> None:
         nonlocal used
         if records:
+            assert len(records) <= MAX_RECORDS and used <= SECTION_DATA_BYTES
             head = _COUNT.pack(len(records)) + b"".join(records)
             writer.write_section(PAGES, [memoryview(head), *data])
         records.clear()
@@ -107,6 +120,8 @@ def send_pages(
             for off, pages, kind in _classify(piece, offset + at):
                 stats.pages += pages
                 if kind == ZERO:
+                    if len(records) == MAX_RECORDS:
+                        flush()
                     records.append(_RUN.pack(off, pages, ZERO))
                     stats.zero_pages += pages
                     continue
@@ -114,7 +129,7 @@ def send_pages(
                 src = piece[rel : rel + pages * PAGE_SIZE]
                 stats.data_bytes += len(src)
                 while src:
-                    if used == SECTION_DATA_BYTES:
+                    if used == SECTION_DATA_BYTES or len(records) == MAX_RECORDS:
                         flush()
                     part = src[: SECTION_DATA_BYTES - used]
                     if scratch is not None:
@@ -132,32 +147,96 @@ def send_pages(
     return stats
 
 
-def receive_pages(cursor: PayloadCursor, memory: GuestMemory) -> PageStats:
+def receive_pages(payload: Payload, memory: GuestMemory) -> PageStats:
     """Read a PAGE section straight into guest RAM: the records first (each checked to
-    lie inside guest RAM), then each data run into its place, without a staging
-    buffer. Zero runs are punched out (the pages read back as zeros and need no memory
-    here). The section's checksum is verified at the end (`cursor.finish()`); a machine
-    that received a damaged section is discarded, never run."""
+    lie inside guest RAM, and their data to fill the payload exactly), then each data
+    run into its place, without a staging buffer. Zero runs are punched out (the pages
+    read back as zeros and need no memory here). The section's checksum is compared
+    on the reader's helper thread meanwhile (`finish(wait=False)`): a mismatch is
+    raised by the reader's next section at the latest, and a machine that received a
+    damaged section is discarded, never run."""
+    reader, head = payload.reader, payload.head
+    label = f"{reader.what}: {head.label}"
     stats = PageStats()
-    (count,) = _COUNT.unpack(cursor.read(_COUNT.size))
-    if count * _RUN.size > cursor.left:
-        raise StreamFormatError(f"page section: {count} records do not fit its payload")
-    table = cursor.read(count * _RUN.size)
-    records = [_RUN.unpack_from(table, i * _RUN.size) for i in range(count)]
+    if payload.left < _COUNT.size:
+        raise StreamFormatError(f"{label}: {payload.left} bytes, too short for a page section")
+    (count,) = _COUNT.unpack(payload.read(_COUNT.size))
+    if count > MAX_RECORDS or count * _RUN.size > payload.left:
+        raise StreamFormatError(
+            f"{label}: {count} records do not fit its payload (at most {MAX_RECORDS})"
+        )
+    records = list(_RUN.iter_unpack(payload.read(count * _RUN.size)))
+    data_bytes = 0
     for i, (offset, pages, kind) in enumerate(records):
-        if offset % PAGE_SIZE or offset + pages * PAGE_SIZE > memory.size_bytes or kind > ZERO:
+        if (
+            offset % PAGE_SIZE
+            or pages == 0
+            or offset + pages * PAGE_SIZE > memory.size_bytes
+            or kind not in (DATA, ZERO)
+        ):
             raise StreamFormatError(
-                f"page section: record {i} ({offset:#x}, {pages} pages, kind {kind}) is outside"
+                f"{label}: record {i} ({offset:#x}, {pages} pages, kind {kind}) is outside"
                 " guest RAM or malformed"
             )
+        data_bytes += pages * PAGE_SIZE if kind == DATA else 0
+    if data_bytes != payload.left:
+        raise StreamFormatError(
+            f"{label}: its records describe {data_bytes} bytes of page data, but"
+            f" {payload.left} follow them"
+        )
     for offset, pages, kind in records:
         size = pages * PAGE_SIZE
         if kind == DATA:
-            cursor.readinto(memory.file_view(offset, size))
+            payload.readinto(memory.file_view(offset, size))
             stats.data_bytes += size
         else:
             memory.zero_file_range(offset, size)
             stats.zero_pages += pages
         stats.pages += pages
-    cursor.finish()
+    payload.finish(wait=False)
     return stats
+
+
+@dataclass
+class IterationInfo:
+    """An ITERATION section: a pass begins (`iteration`, its `bytes`, and, for the
+    first, the `runs` the target may allocate ahead), the source asks for `sync`, or
+    the `phase` changes ("state": the state sections follow)."""
+
+    iteration: int | None = None
+    bytes: int | None = None
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    sync: bool = False
+    phase: str | None = None
+
+
+def iteration_info(payload: memoryview, memory_bytes: int, label: str) -> IterationInfo:
+    """Decode and check an ITERATION payload for a machine of `memory_bytes`."""
+    info = json_object(unpack_json(payload, label), label)
+    out = IterationInfo()
+    if "iteration" in info:
+        out.iteration = json_int(info, "iteration", label, 0, MAX_ITERATIONS)
+    if "bytes" in info:
+        out.bytes = json_int(info, "bytes", label, 0, memory_bytes)
+    if "sync" in info:
+        out.sync = json_bool(info, "sync", label)
+    if "phase" in info:
+        out.phase = json_str(info, "phase", label)
+        if out.phase not in PHASES:
+            raise StreamFormatError(
+                f"{label}: field 'phase' is {out.phase[:40]!r}, not one of {', '.join(PHASES)}"
+            )
+    if "runs" in info:
+        runs = info["runs"]
+        if not isinstance(runs, list) or len(runs) > ANNOUNCED_RUNS:
+            raise StreamFormatError(
+                f"{label}: field 'runs' is not a list of at most {ANNOUNCED_RUNS} runs"
+            )
+        for i, run in enumerate(runs):
+            if not isinstance(run, list) or len(run) != 2:
+                raise StreamFormatError(f"{label}: run {i} is not [offset, length]")
+            pair = {"offset": run[0], "length": run[1]}
+            offset = json_int(pair, "offset", f"{label}: run {i}", 0, memory_bytes)
+            length = json_int(pair, "length", f"{label}: run {i}", 1, memory_bytes - offset)
+            out.runs.append((offset, length))
+    return out

@@ -35,7 +35,7 @@ from kvmkit.memory.dirty_log import DirtyLog, Run, merge_runs, run_bytes
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.migration.address import Address, connect, parse_address
 from kvmkit.migration.channel import Channel
-from kvmkit.migration.pages import PageStats, send_pages
+from kvmkit.migration.pages import ANNOUNCED_RUNS, PageStats, send_pages
 from kvmkit.records import encode
 from kvmkit.snapshot.format import ITERATION, MACHINE, StreamWriter, pack_json
 from kvmkit.snapshot.machine_state import (
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 REPLY_TIMEOUT_S = 60.0
 DEFAULT_BANDWIDTH_BPS = 1 << 30  # the estimate before a pass has measured the link
 PROGRESS_EVERY_S = 0.1
-ANNOUNCED_RUNS = 4096  # the first pass tells the target its runs, up to this many
 THROTTLE_START, THROTTLE_STEP, THROTTLE_MAX = 0.2, 0.1, 0.99
 MIGRATION, THROTTLE = "migration", "throttle"  # their holds on the machine's pause gate
 

@@ -21,14 +21,13 @@ from kvmkit.machine.machine import Machine
 from kvmkit.memory import PAGE_SIZE, GuestMemory
 from kvmkit.migration.address import Address, listen, parse_address
 from kvmkit.migration.channel import Channel
-from kvmkit.migration.pages import PageStats, receive_pages
+from kvmkit.migration.pages import PageStats, iteration_info, receive_pages
 from kvmkit.snapshot.format import (
     END,
     ITERATION,
     PAGES,
     StreamFormatError,
     StreamReader,
-    unpack_json,
 )
 from kvmkit.snapshot.machine_state import (
     expect_section,
@@ -85,22 +84,6 @@ class _Populator:
         self._stop.set()
         if wait:
             self._thread.join()
-
-
-def _announced_runs(info: dict[str, Any], memory: GuestMemory) -> list[tuple[int, int]]:
-    runs = info.get("runs")
-    if not isinstance(runs, list):
-        return []
-    checked = []
-    for run in runs:
-        if (
-            isinstance(run, list)
-            and len(run) == 2
-            and all(isinstance(x, int) and x >= 0 for x in run)
-            and run[0] + run[1] <= memory.size_bytes
-        ):
-            checked.append((run[0], run[1]))
-    return checked
 
 
 @dataclass
@@ -220,13 +203,20 @@ class IncomingMigration:
         progress: ProgressFn | None,
     ) -> Machine:
         assert self.channel is not None
-        reader = StreamReader(self.channel, "the migration stream")
-        header = reader.read_header()
-        if header.get("kind") != "migration":
-            raise StreamFormatError(f"the stream is a {header.get('kind')!r}, not a migration")
-        description = read_machine_description(reader)
-        source = _StreamSource(self, reader, header, description, progress)
-        machine = build_from_saved(source, RestoreOptions(memory_backend, console, console_stream))
+        reader = StreamReader(
+            self.channel, "the migration stream", peer="the source", kind="migration stream"
+        )
+        try:
+            header = reader.read_header()
+            if header.get("kind") != "migration":
+                raise StreamFormatError(f"the stream is a {header.get('kind')!r}, not a migration")
+            description = read_machine_description(reader)
+            source = _StreamSource(self, reader, header, description, progress)
+            machine = build_from_saved(
+                source, RestoreOptions(memory_backend, console, console_stream)
+            )
+        finally:
+            reader.close()  # its checksum helper, whether or not the stream was read
         try:
             self.channel.send_message({"msg": "loaded"})
             self._event({"phase": "loaded"}, progress, force=True)
@@ -265,16 +255,15 @@ class IncomingMigration:
                     raise StreamFormatError(
                         f"{head.label}: a pre-copy stream has pages and iteration markers here"
                     )
-                info = unpack_json(reader.read_payload(head), "iteration section")
-                if not isinstance(info, dict):
-                    raise StreamFormatError("an iteration section is not a JSON object")
-                phase = str(info.get("phase", phase))
-                report.iterations = max(report.iterations, int(info.get("iteration", 0)))
-                if "bytes" in info:
-                    pass_bytes, pass_done = int(info["bytes"]), 0
-                if populator is None and (runs := _announced_runs(info, memory)):
-                    populator = _Populator(memory, runs)
-                if info.get("sync"):  # everything before it is in: say so
+                label = f"{reader.what}: {head.label}"
+                info = iteration_info(reader.read_payload(head), memory.size_bytes, label)
+                phase = info.phase or phase
+                report.iterations = max(report.iterations, info.iteration or 0)
+                if info.bytes is not None:
+                    pass_bytes, pass_done = info.bytes, 0
+                if populator is None and info.runs:
+                    populator = _Populator(memory, info.runs)
+                if info.sync:  # everything before it is in: say so
                     if populator is not None:
                         populator.stop()  # the guest still runs on the source
                     assert self.channel is not None
@@ -285,9 +274,11 @@ class IncomingMigration:
             state = read_state(reader, header, description)
             expect_section(reader, END, "end marker")
         except BaseException:
+            reader.close()  # its checksum helper may still read guest RAM
             if populator is not None:
                 populator.stop()  # before the machine and its memory are closed
             raise
+        reader.close()
         if populator is not None:
             populator.stop(wait=False)
         return state

@@ -1,10 +1,17 @@
-"""Snapshot files: written to a temporary file, fsynced, renamed into place, so a crash,
-ENOSPC or EIO never leaves a file that looks complete; read back with every section
-verified before anything runs."""
+"""Snapshot files: written to an unnamed file in the target's directory (O_TMPFILE,
+which the kernel reclaims if kvmkit dies), fsynced and linked into place, so a crash,
+ENOSPC or EIO never leaves a file that looks complete, nor a stray one; read back with
+every section verified before anything runs.
+
+Where the file system has no O_TMPFILE, the file is written as `.NAME.partial-PID`
+and renamed into place; a save removes such files left in its directory by processes
+that no longer exist."""
 
 import errno as errno_mod
 import io
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +22,10 @@ from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import inject
 from kvmkit.records import encode
 from kvmkit.snapshot.format import (
+    END,
     FLAG_ZSTD,
     MEMORY,
+    StreamFormatError,
     StreamReader,
     StreamWriter,
     section_label,
@@ -25,9 +34,11 @@ from kvmkit.snapshot.machine_state import (
     Capturable,
     ProgressFn,
     SavedMachine,
+    expect_section,
     read_machine,
     write_machine,
 )
+from kvmkit.snapshot.memory_image import CHUNK_BYTES
 
 
 class SnapshotWriteError(KvmkitError):
@@ -69,6 +80,91 @@ def _check_target(path: Path) -> None:
         raise ConfigError(f"snapshot directory {path.parent} does not exist")
 
 
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>[0-9]{1,10})")
+
+
+def partial_path(target: Path, pid: int | None = None) -> Path:
+    """Where a snapshot is written before it is complete, without O_TMPFILE."""
+    return target.with_name(f".{target.name}.partial-{os.getpid() if pid is None else pid}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Remove the `.NAME.partial-PID` files in `directory` (regular files of this user)
+    whose process no longer exists: what a killed save left where O_TMPFILE was not
+    available. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _PARTIAL.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid = int(match["pid"])
+        if pid <= 0 or pid == os.getpid() or _process_exists(pid):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _open_output(target: Path) -> tuple[int, Path | None]:
+    """The fd to write, and the partial file's path (None: an unnamed O_TMPFILE file,
+    linked in by `_publish`)."""
+    if os.path.isdir("/proc/self/fd"):  # linking an O_TMPFILE file goes through it
+        try:
+            flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+            return os.open(target.parent, flags, 0o600), None
+        except OSError as e:
+            if e.errno not in (errno_mod.EOPNOTSUPP, errno_mod.EISDIR, errno_mod.EINVAL):
+                raise
+    tmp = partial_path(target)
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), tmp
+
+
+def _publish(fd: int, tmp: Path | None, target: Path) -> None:
+    """Put the complete file at `target`, atomically: a reader sees the old file or the
+    new one, never part of one. An unnamed file is linked straight to `target` when
+    there is none yet, else under the partial name and renamed over it."""
+    if tmp is None:
+        try:
+            _link_unnamed(fd, target)
+            return
+        except FileExistsError:
+            tmp = partial_path(target)
+            tmp.unlink(missing_ok=True)
+            _link_unnamed(fd, tmp)
+    os.replace(tmp, target)
+
+
+def _link_unnamed(fd: int, path: Path) -> None:
+    """linkat(/proc/self/fd/FD, path, AT_SYMLINK_FOLLOW), as open(2) describes for
+    O_TMPFILE (a dir fd makes os.link call linkat, which follows the magic link, where
+    plain link(2) would try to link the /proc symlink itself)."""
+    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), path, src_dir_fd=fds, follow_symlinks=True)
+    finally:
+        os.close(fds)
+
+
 def save(
     path: str | os.PathLike[str],
     machine: Capturable,
@@ -79,20 +175,24 @@ def save(
     target = Path(path)
     _check_target(target)
     start = time.monotonic()
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    fd = -1
+    remove_stale_partials(target.parent)
+    fd, tmp = -1, None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd, tmp = _open_output(target)
         writer = StreamWriter(_FileSink(fd), compress_level)
         try:
             stats = write_machine(writer, machine, "snapshot", progress)
         finally:
             writer.close()
         os.fsync(fd)
+        _publish(fd, tmp, target)
         os.close(fd)
-        fd = -1
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fd, tmp = -1, None
+        try:
+            _fsync_dir(target.parent)
+        except OSError:
+            _discard(-1, target)  # in place but perhaps not durable: as the message says
+            raise
     except OSError as e:
         _discard(fd, tmp)
         name = errno_mod.errorcode.get(e.errno or 0, "error")
@@ -100,6 +200,8 @@ def save(
             errno_mod.ENOSPC: f"free space on {target.parent} or write elsewhere",
             errno_mod.EDQUOT: "the disk quota is full: free space or write elsewhere",
             errno_mod.EACCES: f"kvmkit may not write in {target.parent}",
+            errno_mod.EROFS: f"{target.parent} is on a read-only file system: write elsewhere"
+            " or remount it read-write",
         }.get(e.errno or 0, "check the file system")
         injected = f" [{e.filename}]" if str(e.filename).startswith("fault injected") else ""
         raise SnapshotWriteError(
@@ -119,10 +221,19 @@ def save(
     )
 
 
-def _discard(fd: int, tmp: Path) -> None:
+def _discard(fd: int, tmp: Path | None) -> None:
+    """Close and remove what was written (an unnamed file goes with its fd); this
+    itself must not fail, on a read-only file system say."""
     if fd >= 0:
-        os.close(fd)
-    tmp.unlink(missing_ok=True)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if tmp is not None:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -154,8 +265,15 @@ class SnapshotFile:
             raise ConfigError(f"snapshot {self.path} does not exist") from None
         except OSError as e:
             raise ConfigError(f"cannot open snapshot {self.path}: {e.strerror}") from None
-        self.size_bytes = os.fstat(self.file.fileno()).st_size
-        self.reader = StreamReader(_ReadSource(self.file), f"snapshot {self.path}")
+        st = os.fstat(self.file.fileno())
+        self.size_bytes = st.st_size
+        self.reader = StreamReader(
+            _ReadSource(self.file),
+            f"snapshot {self.path}",
+            size=st.st_size if stat.S_ISREG(st.st_mode) else None,  # not a pipe's 0
+            kind="snapshot",
+            keep_heads=True,
+        )
         try:
             self.saved: SavedMachine = read_machine(self.reader)
         except BaseException:
@@ -163,6 +281,7 @@ class SnapshotFile:
             raise
 
     def close(self) -> None:
+        self.reader.close()
         self.file.close()
 
     def __enter__(self) -> "SnapshotFile":
@@ -182,17 +301,26 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     damaged file raises StreamFormatError naming the section."""
     with SnapshotFile(path) as snap:
         reader = snap.reader
-        while not reader.ended:
-            reader.read_payload(reader.next_section())
-        sections = []
+        index = snap.saved.memory_index
         memory = {"chunks": 0, "bytes": 0, "stored_bytes": 0, "compressed_chunks": 0}
-        index = next(h.index for h in reader.heads if h.tag == MEMORY)  # then the chunks
+        scratch = memoryview(bytearray(min(CHUNK_BYTES, max((e.length for e in index), default=0))))
+        for i, extent in enumerate(index):
+            head = reader.next_section()
+            if head.tag != MEMORY or head.raw_bytes != extent.length:
+                raise StreamFormatError(
+                    f"{reader.what}: {head.label}: expected memory chunk {i} of {len(index)}"
+                    f" ({extent.length} bytes)"
+                )
+            reader.read_payload(head, into=scratch[: extent.length])
+            memory["chunks"] += 1
+            memory["bytes"] += head.raw_bytes
+            memory["stored_bytes"] += head.stored_bytes
+            memory["compressed_chunks"] += 1 if head.flags & FLAG_ZSTD else 0
+        expect_section(reader, END, "end marker")
+        sections = []
+        first_chunk = next(h.index for h in reader.heads if h.tag == MEMORY) + 1
         for head in reader.heads:
-            if head.tag == MEMORY and head.index != index:
-                memory["chunks"] += 1
-                memory["bytes"] += head.raw_bytes
-                memory["stored_bytes"] += head.stored_bytes
-                memory["compressed_chunks"] += 1 if head.flags & FLAG_ZSTD else 0
+            if first_chunk <= head.index < first_chunk + len(index):
                 continue
             sections.append(
                 {

@@ -10,17 +10,32 @@
 Every byte is covered by a checksum, so a flipped bit anywhere is caught and named.
 The prelude layout never changes between format versions, so any kvmkit can tell a
 newer file from a damaged one. The checksum trails the payload so a writer can
-stream a payload (guest memory) without a second pass; a large payload's CRC is
-computed on a helper thread while the payload is written.
+stream a payload (guest memory) without a second pass.
+
+Nothing a stream claims is trusted before it is checked: every section's length is
+bounded by its type (SECTION_LIMITS, or a caller's limit: the memory index, by the
+machine's size), a file's sections by the bytes left in the file, and payloads are
+read in pieces, so a stream costs memory in proportion to the bytes that actually
+arrive. Compressed payloads decompress to at most their recorded raw length, and
+JSON payloads are refused when nested deeper than MAX_JSON_DEPTH, before parsing.
+
+Reading is one of two ways: in order (`StreamReader.next_section`, then
+`open_payload` to read a payload in pieces into buffers of the caller's choosing, or
+`read_payload` for all of it), or by position (`pread_section`, for the lazy
+restore). Both check the same bounds and give the same messages. Large payloads are
+checksummed on a helper thread owned by the reader or writer (stopped by `close()`)
+while the next piece moves: zlib.crc32 and the I/O both release the GIL.
 """
 
+import itertools
 import json
 import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Protocol
 
 from kvmkit.errors import KvmkitError
@@ -28,7 +43,8 @@ from kvmkit.errors import KvmkitError
 MAGIC = b"KVMKITST"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
-MAX_SECTION_BYTES = 1 << 34
+MAX_JSON_DEPTH = 32  # kvmkit writes at most 4 levels
+MAX_ITEMS = 256  # names in an item payload (VM, VCPU): kvmkit writes about a dozen
 
 _PRELUDE = struct.Struct("<8sII")  # magic, version, header length
 _CRC = struct.Struct("<I")
@@ -38,7 +54,9 @@ END_BYTES = _END.size
 
 FLAG_ZSTD = 0x1
 KNOWN_FLAGS = FLAG_ZSTD
+PIECE_BYTES = 1 << 20  # payloads are read, allocated and checksummed in pieces of this
 PARALLEL_CRC_BYTES = 1 << 20  # payloads at least this big get their CRC on a helper thread
+ZSTD_MAX_WINDOW = 1 << 23  # a compressed section is at most 4 MiB: no frame needs more
 
 # Section tags, and what a person calls them in an error message.
 MACHINE = b"MACH"
@@ -59,6 +77,22 @@ SECTION_NAMES = {
     PAGES: "guest pages",
     ITERATION: "pre-copy iteration",
 }
+MIB = 1 << 20
+# The most a section of each type may claim (stored and raw). kvmkit writes a few KiB
+# of machine description, VM, vCPU and device state, an ITERATION of at most 4096
+# runs (~100 KiB), memory chunks of memory_image.CHUNK_BYTES, and PAGE sections of
+# pages.SECTION_DATA_BYTES of data plus at most pages.MAX_RECORDS records. The memory
+# index is bounded by the machine's size instead (memory_image.index_limit).
+SECTION_LIMITS = {
+    MACHINE: MIB,
+    VCPU: MIB,
+    VM: MIB,
+    DEVICES: MIB,
+    MEMORY: 4 * MIB,
+    END: END_BYTES,
+    PAGES: 6 * MIB,
+    ITERATION: MIB,
+}
 
 
 class StreamFormatError(KvmkitError):
@@ -77,7 +111,7 @@ def zstd_available() -> bool:
     return True
 
 
-def _zstd() -> Any:  # noqa: ANN401 (an optional module)
+def _zstd() -> Any:  # an optional module
     try:
         import zstandard
     except ImportError:
@@ -85,6 +119,14 @@ def _zstd() -> Any:  # noqa: ANN401 (an optional module)
             "zstd compression needs the zstandard package: pip install 'kvmkit[zstd]'"
         ) from None
     return zstandard
+
+
+def size_text(n: int) -> str:
+    """A byte count for a message: exact, with a binary unit when it has one."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            return f"{n} bytes ({n / (1 << shift):.1f} {unit})"
+    return f"{n} bytes"
 
 
 class Sink(Protocol):
@@ -112,8 +154,57 @@ class SectionHead:
     def payload_offset(self) -> int:
         return self.offset + _SECTION.size + _CRC.size
 
+    @property
+    def end_offset(self) -> int:
+        """The stream offset just past the section (its payload's CRC included)."""
+        return self.payload_offset + self.stored_bytes + _CRC.size
+
 
 SECTION_OVERHEAD = _SECTION.size + 2 * _CRC.size
+
+
+class _Crc:
+    """One payload's running CRC32."""
+
+    value = 0
+
+
+class Checksummer:
+    """CRC32s on one helper thread, in the order asked, while the caller moves the next
+    piece. Owned by one reader or writer and stopped by its close(); the thread starts
+    with the first large payload."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future[None] | None = None
+
+    def then(self, work: Callable[[], None]) -> None:
+        """Run `work` on the helper after everything asked before it."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+        self._last = self._pool.submit(work)
+
+    def add(self, crc: _Crc, pieces: list[memoryview]) -> None:
+        """Fold `pieces` into `crc`, in order; they must not change until `wait()`."""
+
+        def fold() -> None:
+            for piece in pieces:
+                crc.value = zlib.crc32(piece, crc.value)
+
+        self.then(fold)
+
+    def wait(self) -> None:
+        """Until everything asked is done (one worker: the last is done last)."""
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._last = None
 
 
 # -- writing ------------------------------------------------------------------------
@@ -126,7 +217,7 @@ class StreamWriter:
         self.offset = 0
         self.sections = 0
         self._compressor = _zstd().ZstdCompressor(level=compress_level) if compress_level else None
-        self._pool: ThreadPoolExecutor | None = None
+        self._checksums = Checksummer("kvmkit-crc-write")
 
     def _write(self, data: bytes | memoryview) -> None:
         self.sink.write(data)
@@ -153,93 +244,133 @@ class StreamWriter:
         stored = sum(len(p) for p in views)
         head = _SECTION.pack(tag, flags, 0, stored, raw)
         self._write(head + _CRC.pack(zlib.crc32(head)))
-        crc = 0
-        if stored >= PARALLEL_CRC_BYTES:
-            crc = self._parallel_crc(views)
+        crc = _Crc()
+        if stored >= PARALLEL_CRC_BYTES:  # checksummed on the helper while written
+            self._checksums.add(crc, views)
+            try:
+                for p in views:
+                    self._write(p)
+            finally:
+                self._checksums.wait()
         else:
             for p in views:
                 self._write(p)
-                crc = zlib.crc32(p, crc)
-        self._write(_CRC.pack(crc))
+                crc.value = zlib.crc32(p, crc.value)
+        self._write(_CRC.pack(crc.value))
         self.sections += 1
-
-    def _parallel_crc(self, parts: list[memoryview]) -> int:
-        """Write the parts while a helper thread checksums them (both release the GIL)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvmkit-crc")
-
-        def checksum() -> int:
-            crc = 0
-            for p in parts:
-                crc = zlib.crc32(p, crc)
-            return crc
-
-        future = self._pool.submit(checksum)
-        try:
-            for p in parts:
-                self._write(p)
-        finally:
-            crc = future.result()
-        return crc
 
     def end(self) -> None:
         self.write_section(END, [_END.pack(self.sections, self.offset)])
         self.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self._checksums.close()
 
 
 # -- reading ------------------------------------------------------------------------
 class StreamReader:
     """Reads and verifies a stream. Every problem raises `StreamFormatError` naming the
-    section, its byte offset and what is wrong."""
+    section, its byte offset and what is wrong.
 
-    def __init__(self, source: Source, what: str = "the snapshot") -> None:
+    `size`: the bytes the source holds (a file): a section that claims more than is
+    left is refused as truncated before it is read, and bytes after the END section
+    are refused. `peer`: who sends the stream (a socket): an early end is then "`peer`
+    closed the connection" rather than "truncated". `kind` is what the stream is
+    called when its magic is wrong ("snapshot", "migration stream"). `keep_heads`
+    keeps every section head read in `heads` (for `inspect`; a migration stream's
+    reader keeps none, so a long stream costs nothing per section)."""
+
+    def __init__(
+        self,
+        source: Source,
+        what: str = "the snapshot",
+        *,
+        size: int | None = None,
+        peer: str | None = None,
+        kind: str = "state stream",
+        keep_heads: bool = False,
+    ) -> None:
         self.source = source
         self.what = what
+        self.size = size
+        self.peer = peer
+        self.kind = kind
         self.offset = 0
         self.sections = 0
         self.header: dict[str, Any] = {}
         self.version = 0
         self.ended = False
         self.heads: list[SectionHead] = []
-        self._decompressor: Any = None
+        self._keep_heads = keep_heads
+        self._checksums = Checksummer("kvmkit-crc-read")
+        self._failures: list[str] = []  # checksum mismatches found on the helper
+
+    # -- the bytes ----------------------------------------------------------------------
+    def _ended_early(self, where: str, at: int, missing: int) -> StreamFormatError:
+        if self.peer is not None:
+            return StreamFormatError(
+                f"{self.what}: {self.peer} closed the connection at byte {at}, inside {where}"
+                f" ({missing} bytes of it never came)"
+            )
+        return StreamFormatError(
+            f"{self.what} is truncated: it ends at byte {at}, inside {where}"
+            f" ({missing} bytes missing)"
+        )
 
     def _read_exact(self, view: memoryview, where: str) -> None:
         got = 0
         while got < len(view):
             n = self.source.readinto(view[got:])
             if not n:
-                raise StreamFormatError(
-                    f"{self.what} is truncated: it ends inside {where}, at byte"
-                    f" {self.offset + got} ({len(view) - got} bytes missing)"
-                )
+                raise self._ended_early(where, self.offset + got, len(view) - got)
             got += n
         self.offset += got
 
-    def _read(self, size: int, where: str) -> bytes:
-        buf = bytearray(size)
-        self._read_exact(memoryview(buf), where)
-        return bytes(buf)
+    def _read_new(self, size: int, where: str) -> memoryview:
+        """`size` bytes into a new buffer that grows with what arrives (doubling, from
+        PIECE_BYTES), so a claimed length costs nothing until its bytes come."""
+        buf = bytearray(min(size, PIECE_BYTES))
+        with memoryview(buf) as view:
+            self._read_exact(view, where)
+        while len(buf) < size:
+            start = len(buf)
+            buf.extend(bytes(min(size - start, start)))
+            with memoryview(buf) as view:
+                self._read_exact(view[start:], where)
+        return memoryview(buf)
 
+    def _read_crc(self, where: str) -> int:
+        buf = bytearray(_CRC.size)
+        self._read_exact(memoryview(buf), where)
+        return int(_CRC.unpack(buf)[0])
+
+    # -- the header ---------------------------------------------------------------------
     def read_header(self) -> dict[str, Any]:
-        prelude = self._read(_PRELUDE.size, "the file header")
-        magic, version, length = _PRELUDE.unpack(prelude)
-        if magic != MAGIC:
+        prelude = bytearray(_PRELUDE.size)
+        got = 0
+        while got < len(prelude):  # the magic first: a foreign file is named as one
+            n = self.source.readinto(memoryview(prelude)[got:])
+            if not n:
+                break
+            got += n
+        start = bytes(prelude[: min(got, len(MAGIC))])
+        if not MAGIC.startswith(start):
             raise StreamFormatError(
-                f"{self.what} is not a kvmkit state stream: it starts with {magic!r}, not"
-                f" {MAGIC!r} (header, byte 0)"
+                f"{self.what} is not a kvmkit {self.kind}: it starts with {start!r}, not the"
+                f" magic {MAGIC!r}"
             )
+        if got < len(prelude):
+            raise self._ended_early("the header", got, len(prelude) - got)
+        self.offset = got
+        magic, version, length = _PRELUDE.unpack(prelude)
         if length > MAX_HEADER_BYTES:
             raise StreamFormatError(
                 f"{self.what}: header length {length} is implausible (over"
                 f" {MAX_HEADER_BYTES} bytes): the header is damaged (byte 12)"
             )
-        body = self._read(length, "the file header")
-        (crc,) = _CRC.unpack(self._read(_CRC.size, "the file header"))
+        self._check_room("the header", length + _CRC.size)
+        body = bytes(self._read_new(length, "the header"))
+        crc = self._read_crc("the header")
         computed = zlib.crc32(body, zlib.crc32(prelude[8:]))
         if crc != computed:
             raise StreamFormatError(
@@ -253,111 +384,135 @@ class StreamReader:
             )
         if version < 1:
             raise StreamFormatError(f"{self.what}: format version {version} is not valid")
-        try:
-            header = json.loads(body)
-        except ValueError as e:
-            raise StreamFormatError(f"{self.what}: header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise StreamFormatError(f"{self.what}: header is not a JSON object")
+        header = json_object(unpack_json(body, f"{self.what}: header"), f"{self.what}: header")
+        check_header(header, f"{self.what}: header")
         self.version = version
         self.header = header
         return header
 
-    def next_section(self) -> SectionHead:
-        """The next section's head (the payload is read with `read_payload` or skipped
-        with `skip_payload`)."""
+    def _check_room(self, where: str, need: int) -> None:
+        """For a file: refuse at once what claims more bytes than are left in it."""
+        if self.size is not None and self.offset + need > self.size:
+            raise self._ended_early(where, self.size, self.offset + need - self.size)
+
+    # -- sections -----------------------------------------------------------------------
+    def next_section(self, limit: int | None = None) -> SectionHead:
+        """The next section's head, checked against its type's limit (or `limit`) and,
+        for a file, against the bytes left; its payload is read next (`open_payload`,
+        `read_payload`) or skipped (`skip_payload`)."""
+        self._raise_failures()
         if self.ended:
             raise StreamFormatError(f"{self.what}: data after the end marker")
         start = self.offset
         where = f"the head of section {self.sections} (at byte {start})"
-        raw_head = self._read(_SECTION.size, where)
-        (crc,) = _CRC.unpack(self._read(_CRC.size, where))
+        self._check_room(where, _SECTION.size + _CRC.size)
+        raw_head = bytearray(_SECTION.size)
+        self._read_exact(memoryview(raw_head), where)
+        crc = self._read_crc(where)
         if zlib.crc32(raw_head) != crc:
             raise StreamFormatError(
                 f"{self.what}: section {self.sections} (at byte {start}): head checksum"
                 " mismatch: the section head is corrupted"
             )
-        tag, flags, reserved, stored, raw = _SECTION.unpack(raw_head)
-        head = SectionHead(self.sections, tag, flags, stored, raw, start)
-        if tag not in SECTION_NAMES:
-            raise StreamFormatError(f"{self.what}: {head.label}: unknown section tag {tag!r}")
-        if flags & ~KNOWN_FLAGS or reserved:
-            raise StreamFormatError(
-                f"{self.what}: {head.label}: unknown flags {flags:#x}: written by a newer kvmkit?"
-            )
-        if stored > MAX_SECTION_BYTES or raw > MAX_SECTION_BYTES:
-            raise StreamFormatError(f"{self.what}: {head.label}: implausible length {stored}")
-        if not flags & FLAG_ZSTD and raw != stored:
-            raise StreamFormatError(
-                f"{self.what}: {head.label}: raw length {raw} differs from stored {stored}"
-            )
+        head = SectionHead(self.sections, *self._unpack_head(raw_head), start)
+        self._check_head(head, limit)
+        self._check_room(head.label, head.stored_bytes + _CRC.size)
         self.sections += 1
-        self.heads.append(head)
+        if self._keep_heads:
+            self.heads.append(head)
         return head
 
+    @staticmethod
+    def _unpack_head(raw_head: bytes | bytearray) -> tuple[bytes, int, int, int]:
+        tag, flags, reserved, stored, raw = _SECTION.unpack(raw_head)
+        return tag, flags | (reserved << 16), stored, raw  # reserved bits read as flags
+
+    def _check_head(self, head: SectionHead, limit: int | None) -> None:
+        """What a head may claim, whichever way it was read."""
+        what, tag, stored, raw = self.what, head.tag, head.stored_bytes, head.raw_bytes
+        if tag not in SECTION_NAMES:
+            raise StreamFormatError(f"{what}: {head.label}: unknown section tag {tag!r}")
+        if head.flags & ~KNOWN_FLAGS:
+            raise StreamFormatError(
+                f"{what}: {head.label}: unknown flags {head.flags:#x}: written by a newer kvmkit?"
+            )
+        most = SECTION_LIMITS[tag] if limit is None else limit
+        if max(stored, raw) > most:
+            raise StreamFormatError(
+                f"{what}: {head.label}: claims {size_text(max(stored, raw))}, over its limit"
+                f" of {size_text(most)}: the stream is damaged or was not written by kvmkit"
+            )
+        if head.flags & FLAG_ZSTD:
+            if tag == END or stored >= raw:
+                raise StreamFormatError(
+                    f"{what}: {head.label}: a compressed payload of {stored} bytes for {raw}"
+                    " raw bytes: the section head is damaged"
+                )
+        elif raw != stored:
+            raise StreamFormatError(
+                f"{what}: {head.label}: raw length {raw} differs from stored {stored}"
+            )
+        if tag == END and raw != END_BYTES:
+            raise StreamFormatError(
+                f"{what}: {head.label}: an end marker of {raw} bytes, not {END_BYTES}"
+            )
+
+    def open_payload(self, head: SectionHead) -> "Payload":
+        """The payload of the section just read, to read in pieces (`Payload`)."""
+        if head.tag == END:
+            raise ValueError("the end marker is read with read_payload")
+        return Payload(self, head)
+
     def read_payload(self, head: SectionHead, into: memoryview | None = None) -> memoryview:
-        """Read, verify and (if needed) decompress a payload; into `into` when given
-        (it must be exactly the raw length), else into a new buffer."""
+        """A whole payload, verified (as is everything before it) and decompressed: into
+        `into` when given (it must be exactly the raw length), else into a new buffer."""
         if into is not None and len(into) != head.raw_bytes:
             raise StreamFormatError(
                 f"{self.what}: {head.label}: payload is {head.raw_bytes} bytes, expected"
                 f" {len(into)}"
             )
-        stored = into if into is not None and not head.flags & FLAG_ZSTD else None
-        if stored is None:
-            stored = memoryview(bytearray(head.stored_bytes))
-        self._read_exact(stored, head.label)
-        (crc,) = _CRC.unpack(self._read(_CRC.size, head.label))
-        self._verify(head, stored, crc)
-        if head.flags & FLAG_ZSTD:
-            stored = self._decompress(head, stored)
-            if into is not None:
-                into[:] = stored
-                stored = into
+        payload = Payload(self, head)
+        if into is None:
+            data = payload.read(head.raw_bytes)
+        else:
+            payload.readinto(into)
+            data = into
+        payload.finish()
         if head.tag == END:
-            self._check_end(head, stored)
-        return stored
+            self._check_end(head, data)
+        return data
 
-    def open_payload(self, head: SectionHead) -> "PayloadCursor":
-        """Read an uncompressed payload piece by piece, into buffers the caller chooses
-        (guest RAM, for migration), checksummed as it comes; `finish()` verifies it."""
-        if head.flags & FLAG_ZSTD:
-            raise StreamFormatError(f"{self.what}: {head.label}: a compressed section here")
-        return PayloadCursor(self, head)
-
-    def read_payload_unverified(self, head: SectionHead, into: memoryview) -> Callable[[], None]:
-        """Read an uncompressed payload into `into` and return the check to run on it
-        (raising StreamFormatError), so a caller can checksum one payload on another
-        thread while reading the next."""
-        if head.flags & FLAG_ZSTD or len(into) != head.raw_bytes:
-            self.read_payload(head, into)
-            return lambda: None
-        self._read_exact(into, head.label)
-        (crc,) = _CRC.unpack(self._read(_CRC.size, head.label))
-        return lambda: self._verify(head, into, crc)
-
-    def _verify(self, head: SectionHead, payload: memoryview, crc: int) -> None:
-        computed = zlib.crc32(payload)
-        if crc != computed:
-            raise StreamFormatError(
-                f"{self.what}: {head.label}: checksum mismatch (stored {crc:#010x}, computed"
-                f" {computed:#010x}): the {section_label(head.tag)} data is corrupted"
-            )
+    def skip_payload(self, head: SectionHead, seek: Callable[[int], object] | None = None) -> None:
+        """Move past a payload without verifying it: with `seek` (files; the head was
+        checked against the file's size), or by reading it in pieces."""
+        size = head.stored_bytes + _CRC.size
+        if seek is not None:
+            seek(self.offset + size)
+            self.offset += size
+            return
+        chunk = memoryview(bytearray(min(size, PIECE_BYTES)))
+        while size:
+            n = min(size, len(chunk))
+            self._read_exact(chunk[:n], head.label)
+            size -= n
 
     def pread_section(self, fd: int, head: SectionHead) -> memoryview:
-        """Read one whole section by position (random access into a file, in one read),
-        check that its head is the one expected, verify and return its payload. The
-        stream position does not move."""
+        """Read one whole section by its position in the file (random access, in one
+        read): its head must be the one expected; the same limits as `next_section`
+        apply; its payload is verified and returned. The stream position does not
+        move."""
+        self._check_head(head, None)
+        if self.size is not None and head.end_offset > self.size:
+            raise self._ended_early(head.label, self.size, head.end_offset - self.size)
         size = SECTION_OVERHEAD + head.stored_bytes
         data = os.pread(fd, size, head.offset)
         if len(data) != size:
-            raise StreamFormatError(f"{self.what} is truncated: it ends inside {head.label}")
+            raise self._ended_early(head.label, head.offset + len(data), size - len(data))
         raw_head = data[: _SECTION.size]
         (head_crc,) = _CRC.unpack_from(data, _SECTION.size)
-        if zlib.crc32(raw_head) != head_crc or _SECTION.unpack(raw_head) != (
+        if zlib.crc32(raw_head) != head_crc or self._unpack_head(raw_head) != (
             head.tag,
             head.flags,
-            0,
             head.stored_bytes,
             head.raw_bytes,
         ):
@@ -367,17 +522,51 @@ class StreamReader:
             )
         payload = memoryview(data)[_SECTION.size + _CRC.size : size - _CRC.size]
         (crc,) = _CRC.unpack_from(data, size - _CRC.size)
-        self._verify(head, payload, crc)
+        self._compare(head, crc, zlib.crc32(payload), raise_now=True)
         if head.tag == END:
             self._check_end(head, payload)
         return self._decompress(head, payload) if head.flags & FLAG_ZSTD else payload
 
+    # -- checks -------------------------------------------------------------------------
+    def _compare(self, head: SectionHead, stored: int, computed: int, raise_now: bool) -> None:
+        if stored == computed:
+            return
+        message = (
+            f"{self.what}: {head.label}: checksum mismatch (stored {stored:#010x}, computed"
+            f" {computed:#010x}): the {section_label(head.tag)} data is corrupted"
+        )
+        if raise_now:
+            raise StreamFormatError(message)
+        self._failures.append(message)
+
+    def _raise_failures(self) -> None:
+        if self._failures:
+            raise StreamFormatError(self._failures[0])
+
+    def settle(self) -> None:
+        """Wait for the checksums still running on the helper; raise the first
+        mismatch."""
+        self._checksums.wait()
+        self._raise_failures()
+
     def _decompress(self, head: SectionHead, data: memoryview) -> memoryview:
-        if self._decompressor is None:
-            self._decompressor = _zstd().ZstdDecompressor()
+        """At most the raw length: a frame that declares another size is refused
+        before it is decompressed, and one without a size is cut off at the raw
+        length."""
+        zstd = _zstd()
+        # One decompressor per payload: the lazy restore's threads call pread_section
+        # at once, and a zstd context is not for two threads (it costs microseconds).
+        decompressor = zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         try:
-            raw = self._decompressor.decompress(data, max_output_size=head.raw_bytes)
-        except Exception as e:  # zstandard raises its own ZstdError
+            declared = zstd.frame_content_size(data)
+            if declared not in (-1, head.raw_bytes):
+                raise StreamFormatError(
+                    f"{self.what}: {head.label}: its compressed data declares"
+                    f" {size_text(declared)}, the section {head.raw_bytes}: refused without"
+                    " decompressing"
+                )
+            raw = decompressor.decompress(data, max_output_size=head.raw_bytes)
+        except zstd.ZstdError as e:
             raise StreamFormatError(f"{self.what}: {head.label}: cannot decompress: {e}") from None
         if len(raw) != head.raw_bytes:
             raise StreamFormatError(
@@ -393,99 +582,123 @@ class StreamReader:
                 f"{self.what}: {head.label}: end marker counts {count} sections and"
                 f" {offset} bytes, but the stream had {head.index} and {head.offset}"
             )
+        if self.size is not None and self.size > head.end_offset:
+            raise StreamFormatError(
+                f"{self.what}: {self.size - head.end_offset} bytes after the end marker: the"
+                f" file was appended to or damaged (the end marker ends at byte"
+                f" {head.end_offset})"
+            )
         self.ended = True
 
-    def skip_payload(self, head: SectionHead, seek: Callable[[int], object] | None = None) -> None:
-        """Move past a payload without verifying it: with `seek` (files), or by reading."""
-        size = head.stored_bytes + _CRC.size
-        if seek is not None:
-            seek(self.offset + size)
-            self.offset += size
-            return
-        chunk = memoryview(bytearray(min(size, 1 << 20)))
-        while size:
-            n = min(size, len(chunk))
-            self._read_exact(chunk[:n], head.label)
-            size -= n
+    def close(self) -> None:
+        """Stop the checksum helper (after the work it holds: pieces it checksums may be
+        guest RAM that the caller unmaps next)."""
+        self._checksums.close()
+
+    def __enter__(self) -> "StreamReader":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
-class PayloadCursor:
-    """One payload read in pieces (`StreamReader.open_payload`). The checksum of each
-    piece is computed on a helper thread while the next is read (both release the GIL);
-    a piece must stay unchanged until `finish()`, which checks that the whole payload
-    was read and that its checksum matches."""
+class Payload:
+    """One payload read in order, in pieces (`StreamReader.open_payload`): `read(n)`
+    into a new buffer, `readinto(view)` into the caller's, then `finish()`, which
+    checks that all of it was read and that its checksum matches. A big uncompressed
+    payload is checksummed on the reader's helper thread while the next piece is read:
+    a piece must stay unchanged until the payload is verified. A compressed payload is
+    read, verified and decompressed whole (it is at most SECTION_LIMITS[MEMORY])."""
 
     def __init__(self, reader: StreamReader, head: SectionHead) -> None:
         self.reader = reader
         self.head = head
-        self.left = head.stored_bytes
-        self._crc = 0
-        self._pending: Any = None  # the future checksumming the previous pieces
+        self.left = head.raw_bytes
+        self._crc = _Crc()
+        self._on_helper = head.stored_bytes >= PARALLEL_CRC_BYTES
+        self._batch: list[memoryview] = []  # pieces not yet handed to the helper
+        self._batch_bytes = 0
+        self._plain: memoryview | None = None
+        self._at = 0
+        if head.flags & FLAG_ZSTD:
+            stored = reader._read_new(head.stored_bytes, head.label)
+            crc = reader._read_crc(head.label)
+            reader._compare(head, crc, zlib.crc32(stored), raise_now=True)
+            self._plain = reader._decompress(head, stored)
 
     def _take(self, n: int) -> None:
         if n > self.left:
             raise StreamFormatError(
-                f"{self.reader.what}: {self.head.label}: its records describe more bytes"
-                " than its payload holds"
+                f"{self.reader.what}: {self.head.label}: its contents describe more bytes"
+                f" than its payload holds ({n} more asked, {self.left} left)"
             )
         self.left -= n
 
     def _checksum(self, piece: memoryview) -> None:
-        if len(piece) < PARALLEL_CRC_BYTES:
-            if self._pending is not None:
-                self._crc = self._pending.result()
-                self._pending = None
-            self._crc = zlib.crc32(piece, self._crc)
+        """Small pieces (a page run) go to the helper in batches of PIECE_BYTES, so a
+        section of many short runs costs few hand-overs."""
+        if not self._on_helper:
+            self._crc.value = zlib.crc32(piece, self._crc.value)
             return
-        before = self._pending
-        crc = self._crc
+        self._batch.append(piece)
+        self._batch_bytes += len(piece)
+        if self._batch_bytes >= PIECE_BYTES:
+            self._hand_over()
 
-        def chained() -> int:
-            return zlib.crc32(piece, before.result() if before is not None else crc)
-
-        self._pending = _crc_pool().submit(chained)
+    def _hand_over(self) -> None:
+        if self._batch:
+            self.reader._checksums.add(self._crc, self._batch)
+            self._batch, self._batch_bytes = [], 0
 
     def read(self, n: int) -> memoryview:
         """The next `n` bytes, in a new buffer."""
         self._take(n)
-        view = memoryview(bytearray(n))
-        self.reader._read_exact(view, self.head.label)
+        if self._plain is not None:
+            self._at += n
+            return self._plain[self._at - n : self._at]
+        view = self.reader._read_new(n, self.head.label)
         self._checksum(view)
         return view
 
     def readinto(self, view: memoryview) -> None:
-        """The next len(view) bytes, into `view`."""
+        """The next len(view) bytes, into `view` (in as few reads as the source allows:
+        one 4 MiB read of a cold file beats four of 1 MiB; its checksum overlaps the
+        reading of what comes next)."""
+        view = view.cast("B") if view.format != "B" else view
         self._take(len(view))
+        if self._plain is not None:
+            view[:] = self._plain[self._at : self._at + len(view)]
+            self._at += len(view)
+            return
         self.reader._read_exact(view, self.head.label)
         self._checksum(view)
 
-    def finish(self) -> None:
-        if self._pending is not None:
-            self._crc = self._pending.result()
-            self._pending = None
+    def finish(self, wait: bool = True) -> None:
+        """All read: read the stored checksum and compare. `wait=False` leaves a
+        comparison still running on the helper to finish meanwhile; a mismatch is then
+        raised by a later call on the reader, at the latest by the END section's
+        `read_payload` (or `settle()`)."""
+        reader, head = self.reader, self.head
         if self.left:
             raise StreamFormatError(
-                f"{self.reader.what}: {self.head.label}: {self.left} bytes of its payload are"
-                " not described by its records"
+                f"{reader.what}: {head.label}: {self.left} bytes of its payload are not"
+                " described by its contents"
             )
-        (crc,) = _CRC.unpack(self.reader._read(_CRC.size, self.head.label))
-        if crc != self._crc:
-            raise StreamFormatError(
-                f"{self.reader.what}: {self.head.label}: checksum mismatch (stored {crc:#010x},"
-                f" computed {self._crc:#010x}): the {section_label(self.head.tag)} data is"
-                " corrupted"
-            )
-
-
-_CRC_POOL: ThreadPoolExecutor | None = None
-
-
-def _crc_pool() -> ThreadPoolExecutor:
-    """One helper thread for the checksums of pieces read (see PayloadCursor)."""
-    global _CRC_POOL
-    if _CRC_POOL is None:
-        _CRC_POOL = ThreadPoolExecutor(1, thread_name_prefix="kvmkit-crc-read")
-    return _CRC_POOL
+        if self._plain is None:
+            stored = reader._read_crc(head.label)
+            if self._on_helper:
+                self._hand_over()
+                crc = self._crc
+                reader._checksums.then(lambda: reader._compare(head, stored, crc.value, False))
+            else:
+                reader._compare(head, stored, self._crc.value, raise_now=True)
+        if wait:
+            reader.settle()
 
 
 # -- small typed payloads -------------------------------------------------------------
@@ -502,10 +715,13 @@ def pack_items(items: dict[str, bytes]) -> bytes:
 
 
 def unpack_items(payload: bytes | memoryview, label: str) -> dict[str, bytes]:
+    """The items of a `pack_items` payload: each name once, UTF-8, at most MAX_ITEMS."""
     items: dict[str, bytes] = {}
-    view = memoryview(payload)
+    view = memoryview(payload).cast("B")
     at = 0
     while at < len(view):
+        if len(items) == MAX_ITEMS:
+            raise StreamFormatError(f"{label}: more than {MAX_ITEMS} items")
         if at + _ITEM.size > len(view):
             raise StreamFormatError(f"{label}: item list ends mid-item at byte {at}")
         name_len, data_len = _ITEM.unpack_from(view, at)
@@ -513,18 +729,140 @@ def unpack_items(payload: bytes | memoryview, label: str) -> dict[str, bytes]:
         end = at + name_len + data_len
         if end > len(view):
             raise StreamFormatError(f"{label}: item at byte {at} runs past the payload")
-        name = bytes(view[at : at + name_len]).decode(errors="replace")
+        try:
+            name = bytes(view[at : at + name_len]).decode()
+        except UnicodeDecodeError:
+            raise StreamFormatError(f"{label}: item name at byte {at} is not UTF-8") from None
+        if name in items:
+            raise StreamFormatError(f"{label}: item {name!r} appears twice")
         items[name] = bytes(view[at + name_len : end])
         at = end
     return items
 
 
-def pack_json(value: Any) -> bytes:  # noqa: ANN401 (any JSON value)
+def pack_json(value: Any) -> bytes:  # any JSON value
     return json.dumps(value, sort_keys=True).encode()
 
 
-def unpack_json(payload: bytes | memoryview, label: str) -> Any:  # noqa: ANN401
+# JSON nesting, counted without parsing: escapes and strings removed, then +1 per
+# opening and -1 per closing bracket (as signed bytes), and the running maximum.
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in _BRACKETS)
+_DEPTH_STEPS = bytes.maketrans(_BRACKETS, b"\x01\xff\x01\xff")
+
+
+def json_depth(data: bytes) -> int:
+    """How deep `data` nests (brackets in strings do not count), at C speed."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[0::2])
+    steps = outside.translate(_DEPTH_STEPS, _NOT_BRACKETS)
+    return max(0, max(itertools.accumulate(memoryview(steps).cast("b")), default=0))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def unpack_json(payload: bytes | memoryview, label: str) -> Any:  # any JSON value
+    """JSON, refused when nested deeper than MAX_JSON_DEPTH (before parsing) or when it
+    holds NaN or Infinity."""
+    data = bytes(payload)
+    few = data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH  # cannot nest deeper
+    depth = 0 if few else json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise StreamFormatError(
+            f"{label}: JSON nested {depth} deep, deeper than the {MAX_JSON_DEPTH} a kvmkit"
+            " stream may hold"
+        )
     try:
-        return json.loads(bytes(payload))
-    except ValueError as e:
+        return json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
         raise StreamFormatError(f"{label}: not valid JSON ({e})") from None
+
+
+# -- typed fields of decoded JSON ---------------------------------------------------------
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return names.get(type(value), type(value).__name__)
+
+
+def json_object(value: Any, label: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StreamFormatError(f"{label}: is {_kind(value)}, not a JSON object")
+    return value
+
+
+def json_field(obj: dict[str, Any], key: str, label: str) -> Any:
+    if key not in obj:
+        raise StreamFormatError(f"{label}: field {key!r} is missing")
+    return obj[key]
+
+
+def json_dict(obj: dict[str, Any], key: str, label: str) -> dict[str, Any]:
+    """`obj[key]`, which must be a JSON object."""
+    value = json_field(obj, key, label)
+    if not isinstance(value, dict):
+        raise StreamFormatError(f"{label}: field {key!r} is {_kind(value)}, not an object")
+    return value
+
+
+def json_int(obj: dict[str, Any], key: str, label: str, low: int, high: int) -> int:
+    """`obj[key]`, which must be an integer (not a boolean) in [low, high]."""
+    value = json_field(obj, key, label)
+    if type(value) is not int or not low <= value <= high:
+        raise StreamFormatError(
+            f"{label}: field {key!r} is {_shown(value)}, not an integer from {low} to {high}"
+        )
+    return value
+
+
+def json_str(obj: dict[str, Any], key: str, label: str) -> str:
+    value = json_field(obj, key, label)
+    if not isinstance(value, str):
+        raise StreamFormatError(f"{label}: field {key!r} is {_kind(value)}, not a string")
+    return value
+
+
+def json_bool(obj: dict[str, Any], key: str, label: str) -> bool:
+    value = json_field(obj, key, label)
+    if not isinstance(value, bool):
+        raise StreamFormatError(f"{label}: field {key!r} is {_kind(value)}, not true or false")
+    return value
+
+
+# The header fields kvmkit reads (check_host, inspect, the migration target), by type;
+# each is checked where present (a stream's kind decides which it needs).
+_HEADER_STRINGS = ("kind", "kvmkit_version", "created", "kernel", "kvm_backend", "summary")
+_CPU_STRINGS = ("arch", "vendor", "model_name")
+_CPU_INTS = ("family", "model")
+CAPABILITY_MAX = (1 << 64) - 1
+
+
+def check_header(header: dict[str, Any], label: str) -> None:
+    """The types of the header fields kvmkit uses; a wrong one is named."""
+    for key in _HEADER_STRINGS:
+        if key in header:
+            json_str(header, key, label)
+    if "host_cpu" in header:
+        cpu = json_dict(header, "host_cpu", label)
+        for key in _CPU_STRINGS:
+            if key in cpu:
+                json_str(cpu, key, f"{label}: host_cpu")
+        for key in _CPU_INTS:
+            if key in cpu:
+                json_int(cpu, key, f"{label}: host_cpu", 0, 1 << 32)
+    if "requires" in header:
+        requires = json_dict(header, "requires", label)
+        for name in requires:
+            json_int(requires, name, f"{label}: requires", 0, CAPABILITY_MAX)

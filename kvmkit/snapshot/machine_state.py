@@ -9,7 +9,6 @@ index and memory chunks, then END.
 import datetime
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,12 +30,14 @@ from kvmkit.snapshot.format import (
     StreamFormatError,
     StreamReader,
     StreamWriter,
+    json_dict,
+    json_str,
     pack_items,
     pack_json,
     unpack_items,
     unpack_json,
 )
-from kvmkit.snapshot.memory_image import Extent, chunked, pack_index, unpack_index
+from kvmkit.snapshot.memory_image import Extent, chunked, index_limit, pack_index, unpack_index
 from kvmkit.snapshot.model import (
     DeviceRecord,
     MachineDescription,
@@ -197,8 +198,12 @@ def write_machine(
 
 
 # -- reading ----------------------------------------------------------------------------
-def expect_section(reader: StreamReader, tag: bytes, what: str) -> memoryview:
-    head = reader.next_section()
+def expect_section(
+    reader: StreamReader, tag: bytes, what: str, limit: int | None = None
+) -> memoryview:
+    """The next section's payload, which must be of type `tag` (at most `limit` bytes,
+    when given instead of the type's limit)."""
+    head = reader.next_section(limit)
     if head.tag != tag:
         raise StreamFormatError(f"{reader.what}: {head.label}: expected the {what} section here")
     return reader.read_payload(head)
@@ -230,9 +235,10 @@ def read_machine(reader: StreamReader) -> SavedMachine:
     header = reader.read_header()
     description = read_machine_description(reader)
     state = read_state(reader, header, description)
-    index = unpack_index(
-        expect_section(reader, MEMORY, "memory index"), description.memory_bytes, "memory index"
+    index_payload = expect_section(
+        reader, MEMORY, "memory index", index_limit(description.memory_bytes)
     )
+    index = unpack_index(index_payload, description.memory_bytes, f"{reader.what}: memory index")
     return SavedMachine(
         header, description, state.vm, state.vcpus, state.devices, memory_index=index
     )
@@ -245,40 +251,39 @@ def read_memory(
     progress: ProgressFn | None = None,
 ) -> int:
     """Read every memory chunk straight into guest RAM, then the end marker. Each
-    chunk's checksum runs on a helper thread while the next chunk is read; every one
-    is verified before this returns."""
+    chunk is checksummed on the reader's helper thread while the next is read; every
+    one is verified before this returns (and none is still being read when it
+    raises)."""
     total = sum(c.length for c in index)
     done = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="kvmkit-crc") as pool:
-        pending: Future[None] | None = None
+    try:
         for i, chunk in enumerate(index):
             head = reader.next_section()
-            if head.tag != MEMORY:
+            if head.tag != MEMORY or head.raw_bytes != chunk.length:
                 raise StreamFormatError(
                     f"{reader.what}: {head.label}: expected memory chunk {i} of {len(index)}"
+                    f" ({chunk.length} bytes)"
                 )
-            verify = reader.read_payload_unverified(
-                head, memory.file_view(chunk.offset, chunk.length)
-            )
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(verify)
+            payload = reader.open_payload(head)
+            payload.readinto(memory.file_view(chunk.offset, chunk.length))
+            payload.finish(wait=False)
             done += chunk.length
             if progress is not None:
                 progress(done, total)
-        if pending is not None:
-            pending.result()
-    head = reader.next_section()
-    if head.tag != END:
-        raise StreamFormatError(f"{reader.what}: {head.label}: expected the end marker")
-    reader.read_payload(head)
+        expect_section(reader, END, "end marker")
+    except BaseException:
+        reader.close()  # the helper may still checksum guest RAM the caller unmaps next
+        raise
     return total
 
 
 # -- host compatibility -------------------------------------------------------------------
 def check_host(header: dict[str, Any], kvm: Kvm, backend: str, what: str) -> list[str]:
-    """Refuse a stream this host cannot run; return warnings worth printing."""
-    saved_cpu = header.get("host_cpu", {})
+    """Refuse a stream this host cannot run; return warnings worth printing. (The
+    header's field types were checked when it was read: format.check_header.)"""
+    saved_cpu = json_dict(header, "host_cpu", f"{what}: header")
+    for key in ("arch", "vendor"):
+        json_str(saved_cpu, key, f"{what}: header: host_cpu")
     here = host_cpu()
     if saved_cpu.get("arch") != here.arch:
         raise StreamFormatError(
@@ -296,7 +301,8 @@ def check_host(header: dict[str, Any], kvm: Kvm, backend: str, what: str) -> lis
             f"taken on CPU family {saved_cpu.get('family')} model {saved_cpu.get('model')};"
             f" this is family {here.family} model {here.model}: the guest keeps its saved CPUID"
         )
-    for name, value in header.get("requires", {}).items():
+    requires = json_dict(header, "requires", f"{what}: header")
+    for name, value in requires.items():
         if name in GMEM_CAPS and backend != "guest_memfd":
             continue
         try:

@@ -91,6 +91,18 @@ def test_a_failure_in_any_phase_leaves_the_source_intact(tmp_path, source, rule,
     assert "Traceback" not in err
 
 
+def test_the_target_says_the_source_closed_the_connection(tmp_path, source):
+    """A source that stops mid-stream (here: its connection drops during pre-copy) is
+    named as such by the target, not as a truncated stream."""
+    target = receiver(tmp_path)
+    with active_plan(load_plan(["migration.send:disconnect@nth=3,after=migration.precopy"])):
+        with pytest.raises(MigrationError):
+            migrate(source, target.listen)
+    code, err = target.wait(60), target.output
+    assert code == 1 and "the source closed the connection at byte" in err, err
+    assert "truncated" not in err and "Traceback" not in err
+
+
 def test_a_paused_source_stays_paused_and_unchanged(tmp_path, source):
     source.pause()
     before = memory_hash(source)

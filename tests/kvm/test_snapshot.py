@@ -287,7 +287,7 @@ def test_truncated_file_is_refused(tmp_path, good_snapshot):
 def test_wrong_magic_is_refused(tmp_path, good_snapshot):
     path = tmp_path / "magic.snap"
     path.write_bytes(b"QFI\xfb" + good_snapshot[4:])
-    _refused(path, "not a kvmkit state stream")
+    _refused(path, r"is not a kvmkit snapshot: it starts with b.QFI")
 
 
 def test_newer_format_version_is_refused(tmp_path, good_snapshot):

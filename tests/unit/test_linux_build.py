@@ -71,6 +71,7 @@ def test_a_tarball_outside_the_package_is_identified_by_size_and_mtime(tmp_path)
 
 def test_the_cache_lives_under_kvmkit_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(build.LINUX_CACHE_ENV, raising=False)
     assert build.linux_cache_root() == tmp_path / "linux"
 
 
@@ -106,6 +107,7 @@ def test_lookup_needs_the_manifest_and_every_kept_file(tmp_path):
 
 def test_find_uses_the_hash_of_the_current_source(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(build.LINUX_CACHE_ENV, raising=False)
     tarball = tmp_path / "linux.tar.xz"
     tarball.write_bytes(b"source")
     monkeypatch.setenv(build.TARBALL_ENV, str(tarball))
@@ -218,11 +220,12 @@ def test_install_deps_needs_root():
 
 
 def _cli(*args, env=None):
+    """kvmkit kernel ARGS with `env` (its KVMKIT_CACHE_DIR holds the kernel cache too)."""
     return subprocess.run(
         [sys.executable, "-m", "kvmkit", "kernel", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if k != build.LINUX_CACHE_ENV},
     )
 
 

@@ -2,6 +2,8 @@
 read straight into place; damage and records outside guest RAM are refused."""
 
 import io
+import json
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from kvmkit.migration.pages import receive_pages, send_pages
 from kvmkit.snapshot.format import PAGES, StreamFormatError, StreamReader, StreamWriter
+from tests.adversarial.crafting import Stream
 
 PAGE_SIZE = 4096
 
@@ -110,3 +113,85 @@ def test_a_truncated_section_is_refused():
     data = stream_of(source, [(0, 32 * PAGE_SIZE)])
     with pytest.raises(StreamFormatError, match="truncated"):
         receive_all(data[: len(data) // 2], Ram(64 * PAGE_SIZE))
+
+
+# -- what a page section and an iteration marker may say ---------------------------------------
+def test_a_section_holds_at_most_max_records(monkeypatch):
+    from kvmkit.migration import pages
+
+    monkeypatch.setattr(pages, "MAX_RECORDS", 8)
+    content = b"".join(
+        (bytes([1 + i % 200]) * PAGE_SIZE) if i % 2 else bytes(PAGE_SIZE) for i in range(40)
+    )
+    source = Ram(len(content), content)
+    data = stream_of(source, [(0, len(content))])
+    target = Ram(len(content), b"\xee" * len(content))
+    assert receive_all(data, target) == 40
+    assert target.data == content
+    counts = []
+    at = data.index(b"PAGE")
+    while at >= 0:
+        counts.append(struct.unpack_from("<I", data, at + 28)[0])
+        at = data.find(b"PAGE", at + 1)
+    assert len(counts) == 5 and max(counts) == 8, counts
+
+
+def _page_stream(payload: bytes) -> bytes:
+    return Stream({"kind": "migration"}).add(PAGES, payload).end()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (struct.pack("<I", 1 << 20), "1048576 records do not fit its payload"),
+        (b"\x01\x00", "2 bytes, too short for a page section"),
+        (struct.pack("<IQII", 1, 0, 0, 0), r"record 0 \(0x0, 0 pages, kind 0\) is outside"),
+        (struct.pack("<IQII", 1, 4096, 1, 7), "kind 7.* is outside guest RAM or malformed"),
+        (struct.pack("<IQII", 1, 1, 1, 0) + bytes(4096), "record 0 .* is outside"),
+        (struct.pack("<IQII", 1, 0, 2, 0) + bytes(4096), "describe 8192 bytes of page data, but"),
+        (struct.pack("<IQII", 1, 0, 1, 1) + bytes(10), "describe 0 bytes of page data, but 10"),
+    ],
+)
+def test_malformed_page_records_are_refused_before_any_write(payload, message):
+    ram = Ram(16 * PAGE_SIZE, b"\x07" * (16 * PAGE_SIZE))
+    with pytest.raises(StreamFormatError, match=message):
+        receive_all(_page_stream(payload), ram)
+    assert ram.data == b"\x07" * (16 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ([1], "iteration: is a list, not a JSON object"),
+        ({"iteration": "3"}, "field 'iteration' is '3', not an integer from 0"),
+        ({"iteration": -1}, "field 'iteration' is -1"),
+        ({"bytes": 1 << 40}, "field 'bytes' is 1099511627776, not an integer from 0 to 65536"),
+        ({"sync": 1}, "field 'sync' is an integer, not true or false"),
+        ({"phase": 5}, "field 'phase' is an integer, not a string"),
+        ({"phase": "go"}, "field 'phase' is 'go', not one of precopy, state"),
+        ({"runs": {"a": 1}}, "field 'runs' is not a list of at most 4096 runs"),
+        ({"runs": [[0, 4096]] * 4097}, "field 'runs' is not a list of at most 4096 runs"),
+        ({"runs": [[0]]}, "run 0 is not \\[offset, length\\]"),
+        ({"runs": [[0, 4096], [4096, "x"]]}, "run 1: field 'length' is 'x'"),
+        ({"runs": [[65536, 1]]}, "run 0: field 'length' is 1, not an integer from 1 to 0"),
+        ({"runs": [[0, 0]]}, "run 0: field 'length' is 0"),
+    ],
+)
+def test_mistyped_iteration_markers_are_refused_by_field(info, message):
+    from kvmkit.migration.pages import iteration_info
+
+    with pytest.raises(StreamFormatError, match=message):
+        iteration_info(memoryview(json.dumps(info).encode()), 16 * PAGE_SIZE, "iteration")
+
+
+def test_iteration_markers_as_the_source_writes_them():
+    from kvmkit.migration.pages import iteration_info
+
+    info = iteration_info(
+        memoryview(b'{"iteration": 2, "bytes": 8192, "runs": [[0, 4096], [8192, 4096]]}'),
+        16 * PAGE_SIZE,
+        "iteration",
+    )
+    assert (info.iteration, info.bytes, info.runs) == (2, 8192, [(0, 4096), (8192, 4096)])
+    assert iteration_info(memoryview(b'{"sync": true}'), PAGE_SIZE, "i").sync
+    assert iteration_info(memoryview(b'{"phase": "state"}'), PAGE_SIZE, "i").phase == "state"
