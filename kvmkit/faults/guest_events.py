@@ -1,12 +1,5 @@
-"""Guest-visible faults: an exception, an NMI or a machine check for a vCPU (delivered
-by kvmkit/kvm/guest_events.py).
-
-- Exceptions (#GP, #UD, #PF with an address) go in through KVM_SET_VCPU_EVENTS as an
-  injected exception; for #PF, CR2 is set to the address first (KVM_SET_SREGS).
-- An NMI goes in through KVM_NMI.
-- A machine check goes in through KVM_X86_SET_MCE, after KVM_X86_SETUP_MCE gave the
-  vCPU the banks the host supports (KVM_X86_GET_MCE_CAP_SUPPORTED). The guest must
-  have set CR4.MCE, or KVM shuts it down (a triple fault), as hardware would.
+"""Guest-visible faults: an exception, an NMI or a machine check for a vCPU, as a fault
+plan names them (how each goes in: kvmkit/kvm/guest_events.py).
 
 An event is delivered before the vCPU's next KVM_RUN, so it lands on the instruction
 the vCPU would run next: a handler that returns (IRETQ) resumes the guest there.

@@ -31,39 +31,31 @@ class RunControl:
         self.kick_all()
 
     # -- what devices and the event loop report --------------------------------------------
+    def _guest_ended(self, status: int, reason: str) -> None:
+        """End the run as the guest asked, unless a Linux guest's console said more: a
+        panic (then the reset or halt is the panic's), or a power-down."""
+        kernel = self.kernel
+        if kernel is not None and kernel.panic is not None:
+            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
+        elif kernel is not None and kernel.power_down and status == EXIT_OK:
+            self.stop(EXIT_OK, "guest powered off")
+        else:
+            self.stop(status, reason)
+
     def guest_exit(self, value: int) -> None:
         """The debug-exit port: the guest's own status (a Linux guest's power-off with
         poweroff_port=0x501 writes 0 here)."""
-        kernel = self.kernel
-        if kernel is not None and kernel.panic is not None:
-            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
-        elif kernel is not None and kernel.power_down and value == 0:
-            self.stop(EXIT_OK, "guest powered off")
-        else:
-            self.stop(value & 0xFF, f"guest exited with status {value}")
+        self._guest_ended(value & 0xFF, f"guest exited with status {value}")
 
     def guest_reset(self, how: str = "reset through the i8042 controller") -> None:
-        """A reset request (the i8042's pulse, or a Linux guest's triple fault): after a
-        kernel panic it is the panic's reboot; otherwise the guest rebooted, which ends
+        """A reset request (the i8042's pulse, or a Linux guest's triple fault); it ends
         the run."""
-        kernel = self.kernel
-        if kernel is not None and kernel.panic is not None:
-            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
-        elif kernel is not None and kernel.power_down:
-            self.stop(EXIT_OK, "guest powered off")
-        else:
-            self.stop(EXIT_OK, f"guest rebooted ({how})")
+        self._guest_ended(EXIT_OK, f"guest rebooted ({how})")
 
     def all_halted(self) -> None:
         """Every vCPU halted for good: the end of a built-in guest, or a Linux kernel
         that halted after "Power down" (no way to power off without ACPI)."""
-        kernel = self.kernel
-        if kernel is not None and kernel.panic is not None:
-            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
-        elif kernel is not None and kernel.power_down:
-            self.stop(EXIT_OK, "guest powered off (every vCPU halted after 'Power down')")
-        else:
-            self.stop(EXIT_OK, "all vCPUs halted")
+        self._guest_ended(EXIT_OK, "all vCPUs halted")
 
     def device_error(self, owner: str, error: BaseException) -> None:
         self.stop(EXIT_HOST_ERROR, f"{owner}: internal error: {type(error).__name__}: {error}")

@@ -10,19 +10,17 @@ section (JSON, `IterationInfo`) opens each pre-copy iteration.
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.layout import PAGE_SIZE
+from kvmkit.records import bounds, decode
 from kvmkit.snapshot.format import (
     PAGES,
     SECTION_LIMITS,
     Payload,
     StreamFormatError,
     StreamWriter,
-    json_bool,
-    json_int,
-    json_object,
-    json_str,
     unpack_json,
 )
 
@@ -31,7 +29,6 @@ SECTION_DATA_BYTES = 4 << 20
 MAX_RECORDS = 1 << 16  # per section: a record table of at most 1 MiB
 ANNOUNCED_RUNS = 4096  # the first pass tells the target its runs, up to this many
 MAX_ITERATIONS = 1 << 20
-PHASES = ("precopy", "state")  # what an ITERATION's "phase" may say
 _COUNT = struct.Struct("<I")
 _RUN = struct.Struct("<QII")
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -197,46 +194,30 @@ def receive_pages(payload: Payload, memory: GuestMemory) -> PageStats:
     return stats
 
 
-@dataclass
+@dataclass(frozen=True)
 class IterationInfo:
     """An ITERATION section: a pass begins (`iteration`, its `bytes`, and, for the
     first, the `runs` the target may allocate ahead), the source asks for `sync`, or
     the `phase` changes ("state": the state sections follow)."""
 
-    iteration: int | None = None
-    bytes: int | None = None
-    runs: list[tuple[int, int]] = field(default_factory=list)
+    iteration: int | None = field(default=None, metadata=bounds(0, MAX_ITERATIONS))
+    bytes: int | None = field(default=None, metadata=bounds(0, 1 << 52))
+    runs: list[tuple[int, int]] = field(default_factory=list, metadata=bounds(0, ANNOUNCED_RUNS))
     sync: bool = False
-    phase: str | None = None
+    phase: Literal["precopy", "state"] | None = None
 
 
 def iteration_info(payload: memoryview, memory_bytes: int, label: str) -> IterationInfo:
     """Decode and check an ITERATION payload for a machine of `memory_bytes`."""
-    info = json_object(unpack_json(payload, label), label)
-    out = IterationInfo()
-    if "iteration" in info:
-        out.iteration = json_int(info, "iteration", label, 0, MAX_ITERATIONS)
-    if "bytes" in info:
-        out.bytes = json_int(info, "bytes", label, 0, memory_bytes)
-    if "sync" in info:
-        out.sync = json_bool(info, "sync", label)
-    if "phase" in info:
-        out.phase = json_str(info, "phase", label)
-        if out.phase not in PHASES:
+    info = decode(IterationInfo, unpack_json(payload, label), label, StreamFormatError)
+    if info.bytes is not None and info.bytes > memory_bytes:
+        raise StreamFormatError(
+            f"{label}: field 'bytes': {info.bytes} is more than the machine's {memory_bytes}"
+        )
+    for i, (offset, length) in enumerate(info.runs):
+        if not (0 <= offset and 0 < length <= memory_bytes - offset):
             raise StreamFormatError(
-                f"{label}: field 'phase' is {out.phase[:40]!r}, not one of {', '.join(PHASES)}"
+                f"{label}: field 'runs'[{i}]: [{offset}, {length}] is not within the"
+                f" machine's {memory_bytes} bytes"
             )
-    if "runs" in info:
-        runs = info["runs"]
-        if not isinstance(runs, list) or len(runs) > ANNOUNCED_RUNS:
-            raise StreamFormatError(
-                f"{label}: field 'runs' is not a list of at most {ANNOUNCED_RUNS} runs"
-            )
-        for i, run in enumerate(runs):
-            if not isinstance(run, list) or len(run) != 2:
-                raise StreamFormatError(f"{label}: run {i} is not [offset, length]")
-            pair = {"offset": run[0], "length": run[1]}
-            offset = json_int(pair, "offset", f"{label}: run {i}", 0, memory_bytes)
-            length = json_int(pair, "length", f"{label}: run {i}", 1, memory_bytes - offset)
-            out.runs.append((offset, length))
-    return out
+    return info

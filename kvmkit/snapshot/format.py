@@ -34,11 +34,12 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
 from kvmkit.errors import KvmkitError
+from kvmkit.records import bounds, decode
 
 MAGIC = b"KVMKITST"
 FORMAT_VERSION = 1
@@ -384,7 +385,9 @@ class StreamReader:
             )
         if version < 1:
             raise StreamFormatError(f"{self.what}: format version {version} is not valid")
-        header = json_object(unpack_json(body, f"{self.what}: header"), f"{self.what}: header")
+        header = unpack_json(body, f"{self.what}: header")
+        if not isinstance(header, dict):
+            raise StreamFormatError(f"{self.what}: header: is not a JSON object")
         check_header(header, f"{self.what}: header")
         self.version = version
         self.header = header
@@ -780,89 +783,39 @@ def unpack_json(payload: bytes | memoryview, label: str) -> Any:  # any JSON val
         raise StreamFormatError(f"{label}: not valid JSON ({e})") from None
 
 
-# -- typed fields of decoded JSON ---------------------------------------------------------
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    return names.get(type(value), type(value).__name__)
-
-
-def json_object(value: Any, label: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise StreamFormatError(f"{label}: is {_kind(value)}, not a JSON object")
-    return value
-
-
-def json_field(obj: dict[str, Any], key: str, label: str) -> Any:
-    if key not in obj:
-        raise StreamFormatError(f"{label}: field {key!r} is missing")
-    return obj[key]
-
-
-def json_dict(obj: dict[str, Any], key: str, label: str) -> dict[str, Any]:
-    """`obj[key]`, which must be a JSON object."""
-    value = json_field(obj, key, label)
-    if not isinstance(value, dict):
-        raise StreamFormatError(f"{label}: field {key!r} is {_kind(value)}, not an object")
-    return value
-
-
-def json_int(obj: dict[str, Any], key: str, label: str, low: int, high: int) -> int:
-    """`obj[key]`, which must be an integer (not a boolean) in [low, high]."""
-    value = json_field(obj, key, label)
-    if type(value) is not int or not low <= value <= high:
-        raise StreamFormatError(
-            f"{label}: field {key!r} is {_shown(value)}, not an integer from {low} to {high}"
-        )
-    return value
-
-
-def json_str(obj: dict[str, Any], key: str, label: str) -> str:
-    value = json_field(obj, key, label)
-    if not isinstance(value, str):
-        raise StreamFormatError(f"{label}: field {key!r} is {_kind(value)}, not a string")
-    return value
-
-
-def json_bool(obj: dict[str, Any], key: str, label: str) -> bool:
-    value = json_field(obj, key, label)
-    if not isinstance(value, bool):
-        raise StreamFormatError(f"{label}: field {key!r} is {_kind(value)}, not true or false")
-    return value
-
-
-# The header fields kvmkit reads (check_host, inspect, the migration target), by type;
-# each is checked where present (a stream's kind decides which it needs).
-_HEADER_STRINGS = ("kind", "kvmkit_version", "created", "kernel", "kvm_backend", "summary")
-_CPU_STRINGS = ("arch", "vendor", "model_name")
-_CPU_INTS = ("family", "model")
+# -- the header, typed ------------------------------------------------------------------
 CAPABILITY_MAX = (1 << 64) - 1
 
 
-def check_header(header: dict[str, Any], label: str) -> None:
-    """The types of the header fields kvmkit uses; a wrong one is named."""
-    for key in _HEADER_STRINGS:
-        if key in header:
-            json_str(header, key, label)
-    if "host_cpu" in header:
-        cpu = json_dict(header, "host_cpu", label)
-        for key in _CPU_STRINGS:
-            if key in cpu:
-                json_str(cpu, key, f"{label}: host_cpu")
-        for key in _CPU_INTS:
-            if key in cpu:
-                json_int(cpu, key, f"{label}: host_cpu", 0, 1 << 32)
-    if "requires" in header:
-        requires = json_dict(header, "requires", label)
-        for name in requires:
-            json_int(requires, name, f"{label}: requires", 0, CAPABILITY_MAX)
+@dataclass(frozen=True)
+class HostCpuRecord:
+    arch: str = field(default="", metadata=bounds(0, 64))
+    vendor: str = field(default="", metadata=bounds(0, 64))
+    family: int = field(default=0, metadata=bounds(0, 1 << 32))
+    model: int = field(default=0, metadata=bounds(0, 1 << 32))
+    model_name: str = field(default="", metadata=bounds(0, 256))
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """The header fields kvmkit reads (check_host, inspect, the migration target);
+    others a newer kvmkit may add are let through."""
+
+    kind: str = field(default="", metadata=bounds(0, 64))
+    kvmkit_version: str = field(default="", metadata=bounds(0, 64))
+    created: str = field(default="", metadata=bounds(0, 64))
+    kernel: str = field(default="", metadata=bounds(0, 256))
+    kvm_backend: str = field(default="", metadata=bounds(0, 64))
+    summary: str = field(default="", metadata=bounds(0, 1024))
+    host_cpu: HostCpuRecord = field(default_factory=HostCpuRecord)
+    requires: dict[str, int] = field(default_factory=dict, metadata=bounds(0, 256))
+
+    def __post_init__(self) -> None:
+        for name, value in self.requires.items():
+            if not 0 <= value <= CAPABILITY_MAX:
+                raise ValueError(f"field 'requires': {name} = {value} is out of range")
+
+
+def check_header(header: dict[str, Any], label: str) -> StreamHeader:
+    """The header's fields, typed; a wrong one is named."""
+    return decode(StreamHeader, header, label, StreamFormatError, allow_unknown=True)

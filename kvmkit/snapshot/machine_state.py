@@ -30,8 +30,7 @@ from kvmkit.snapshot.format import (
     StreamFormatError,
     StreamReader,
     StreamWriter,
-    json_dict,
-    json_str,
+    check_header,
     pack_items,
     pack_json,
     unpack_items,
@@ -279,30 +278,27 @@ def read_memory(
 
 # -- host compatibility -------------------------------------------------------------------
 def check_host(header: dict[str, Any], kvm: Kvm, backend: str, what: str) -> list[str]:
-    """Refuse a stream this host cannot run; return warnings worth printing. (The
-    header's field types were checked when it was read: format.check_header.)"""
-    saved_cpu = json_dict(header, "host_cpu", f"{what}: header")
-    for key in ("arch", "vendor"):
-        json_str(saved_cpu, key, f"{what}: header: host_cpu")
+    """Refuse a stream this host cannot run; return warnings worth printing."""
+    typed = check_header(header, f"{what}: header")
+    saved_cpu = typed.host_cpu
     here = host_cpu()
-    if saved_cpu.get("arch") != here.arch:
+    if saved_cpu.arch != here.arch:
         raise StreamFormatError(
-            f"{what} was taken on {saved_cpu.get('arch')!r}; this host is {here.arch!r}: a"
+            f"{what} was taken on {saved_cpu.arch!r}; this host is {here.arch!r}: a"
             " snapshot restores only on the same architecture"
         )
-    if saved_cpu.get("vendor") != here.vendor:
+    if saved_cpu.vendor != here.vendor:
         raise StreamFormatError(
-            f"{what} was taken on a {saved_cpu.get('vendor')} CPU; this host's is {here.vendor}:"
+            f"{what} was taken on a {saved_cpu.vendor} CPU; this host's is {here.vendor}:"
             " the saved CPU state does not carry across vendors"
         )
     warnings = []
-    if (saved_cpu.get("family"), saved_cpu.get("model")) != (here.family, here.model):
+    if (saved_cpu.family, saved_cpu.model) != (here.family, here.model):
         warnings.append(
-            f"taken on CPU family {saved_cpu.get('family')} model {saved_cpu.get('model')};"
+            f"taken on CPU family {saved_cpu.family} model {saved_cpu.model};"
             f" this is family {here.family} model {here.model}: the guest keeps its saved CPUID"
         )
-    requires = json_dict(header, "requires", f"{what}: header")
-    for name, value in requires.items():
+    for name, value in typed.requires.items():
         if name in GMEM_CAPS and backend != "guest_memfd":
             continue
         try:

@@ -306,14 +306,14 @@ def test_machine_fields_the_reader_uses_are_typed(tmp_path, field, value, messag
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"host_cpu": ["x86_64"]}, "header: field 'host_cpu' is a list, not an object"),
-        ({"host_cpu": {"arch": 7}}, "header: host_cpu: field 'arch' is an integer, not a string"),
-        ({"host_cpu": {"family": "25"}}, "host_cpu: field 'family' is '25', not an integer"),
-        ({"requires": {"XSAVE": "yes"}}, "requires: field 'XSAVE' is 'yes', not an integer"),
-        ({"requires": {"XSAVE": -1}}, "requires: field 'XSAVE' is -1, not an integer"),
-        ({"requires": []}, "header: field 'requires' is a list, not an object"),
-        ({"kind": None}, "header: field 'kind' is null, not a string"),
-        ({"summary": {"a": 1}}, "header: field 'summary' is an object, not a string"),
+        ({"host_cpu": ["x86_64"]}, "header: field 'host_cpu': must be an object, not a list"),
+        ({"host_cpu": {"arch": 7}}, "field 'host_cpu': field 'arch': must be a string, not a"),
+        ({"host_cpu": {"family": "25"}}, "field 'family': must be a whole number, not a string"),
+        ({"requires": {"XSAVE": "yes"}}, "field 'requires'['XSAVE']: must be a whole number"),
+        ({"requires": {"XSAVE": -1}}, "field 'requires': XSAVE = -1 is out of range"),
+        ({"requires": []}, "header: field 'requires': must be an object, not a list"),
+        ({"kind": None}, "header: field 'kind': must be a string, not null"),
+        ({"summary": {"a": 1}}, "header: field 'summary': must be a string, not an object"),
     ],
 )
 def test_header_fields_are_typed(tmp_path, change, message):
@@ -323,7 +323,7 @@ def test_header_fields_are_typed(tmp_path, change, message):
 def test_a_header_that_is_not_an_object_is_refused(tmp_path):
     path = tmp_path / "list.snap"
     path.write_bytes(prelude(b"[1, 2]"))
-    with pytest.raises(StreamFormatError, match="header: is a list, not a JSON object"):
+    with pytest.raises(StreamFormatError, match="header: is not a JSON object"):
         SnapshotFile(path)
 
 

@@ -67,21 +67,6 @@ LONG_MODE_ENTRY
     xor edi, edi
     jmp exit
 
-/* set_gate: IDT entry ecx -> handler rax (64-bit interrupt gate, selector 0x8) */
-set_gate:
-    lea rdx, [rip + idt]
-    shl rcx, 4
-    add rdx, rcx
-    mov word ptr [rdx], ax
-    mov word ptr [rdx + 2], 0x8
-    mov word ptr [rdx + 4], 0x8e00
-    shr rax, 16
-    mov word ptr [rdx + 6], ax
-    shr rax, 16
-    mov dword ptr [rdx + 8], eax
-    mov dword ptr [rdx + 12], 0
-    ret
-
 h_irq4:
     push rax
     push rdx

@@ -142,6 +142,24 @@ last_one_out:
     cmp eax, [r15 + BI_NR_VCPUS]
     ret
 
+/* set_gate: IDT entry ecx -> handler rax (a 64-bit interrupt gate, selector 0x8), in
+ * the table at `idt`, which a guest that calls this defines (weak here, so guests
+ * without an IDT link) */
+    .weak idt
+set_gate:
+    lea rdx, [rip + idt]
+    shl rcx, 4
+    add rdx, rcx
+    mov word ptr [rdx], ax
+    mov word ptr [rdx + 2], 0x8
+    mov word ptr [rdx + 4], 0x8e00
+    shr rax, 16
+    mov word ptr [rdx + 6], ax
+    shr rax, 16
+    mov dword ptr [rdx + 8], eax
+    mov dword ptr [rdx + 12], 0
+    ret
+
 /* exit: end the run with the status in edi; never returns */
 exit:
     mov eax, edi
