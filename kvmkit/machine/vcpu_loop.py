@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmkit import faults
-from kvmkit.devices.bus import Bus, Mapping
+from kvmkit.devices.bus import Bus, Device
 from kvmkit.kvm import KvmError
 from kvmkit.kvm.exits import (
     DIRTY_RING_FULL,
@@ -31,6 +31,7 @@ from kvmkit.machine.result import EXIT_GUEST_CRASH, EXIT_HOST_ERROR, EXIT_OK
 from kvmkit.uapi.exits import ExitReason, InternalErrorSuberror, SystemEventType
 
 Handler = Callable[[], bool]  # handles the current exit; False ends this vCPU's loop
+Hit = tuple[int, int, Device]  # a cached bus mapping: base, end, device
 StopFn = Callable[[int, str, str], None]
 
 
@@ -75,41 +76,49 @@ def run_vcpu(port: VcpuPort) -> None:
 def handlers(port: VcpuPort) -> dict[int, Handler]:
     """The dispatch table: exit reason -> handler of the current exit."""
     exits, pio, mmio = port.exits, port.pio, port.mmio
-    pio_cache: dict[int, Mapping] = {}
-    mmio_cache: dict[int, Mapping] = {}
+    pio_cache: dict[int, Hit] = {}
+    mmio_cache: dict[int, Hit] = {}
     checked = port.device_faults
 
+    decode_io, io_value, complete_io_in = exits.io, exits.io_value, exits.complete_io_in
+
     def on_io() -> bool:
-        e = exits.io()
-        m = pio_cache.get(e.port)
-        if m is None or e.port + e.size > m.end:
-            m = _lookup(pio, pio_cache, e.port, e.size)
-            if m is None:
+        e = decode_io()
+        out, size, where, count, _ = e
+        hit = pio_cache.get(where)
+        if hit is None or where + size > hit[1]:
+            hit = _lookup(pio, pio_cache, where, size)
+            if hit is None:
                 return _unclaimed_io(port, e)
+        base, _, dev = hit
         if checked:
-            _device_fault(m, e.port)
-        dev, rel = m.device, e.port - m.base
-        if e.out:
-            for i in range(e.accesses):
-                dev.write(rel, e.size, exits.io_value(e, i))
+            _device_fault(dev, where)
+        rel = where - base
+        if out:
+            if count == 1:  # the common case: one access
+                dev.write(rel, size, io_value(e, 0))
+            else:
+                for i in range(count):
+                    dev.write(rel, size, io_value(e, i))
         else:
-            for i in range(e.accesses):
-                exits.complete_io_in(e, i, dev.read(rel, e.size))
+            for i in range(count):
+                complete_io_in(e, i, dev.read(rel, size))
         return True
 
     def on_mmio() -> bool:
         e = exits.mmio()
-        m = mmio_cache.get(e.addr)
-        if m is None or e.addr + e.length > m.end:
-            m = _lookup(mmio, mmio_cache, e.addr, e.length)
-            if m is None:
+        hit = mmio_cache.get(e.addr)
+        if hit is None or e.addr + e.length > hit[1]:
+            hit = _lookup(mmio, mmio_cache, e.addr, e.length)
+            if hit is None:
                 return _unclaimed_mmio(port, e)
+        base, _, dev = hit
         if checked:
-            _device_fault(m, e.addr)
+            _device_fault(dev, e.addr)
         if e.is_write:
-            m.device.write(e.addr - m.base, e.length, int.from_bytes(e.data, "little"))
+            dev.write(e.addr - base, e.length, int.from_bytes(e.data, "little"))
         else:
-            exits.complete_mmio_read(e, m.device.read(e.addr - m.base, e.length))
+            exits.complete_mmio_read(e, dev.read(e.addr - base, e.length))
         return True
 
     table: dict[int, Handler] = {IO: on_io, MMIO: on_mmio, INTR: port.on_kick, HLT: port.on_hlt}
@@ -177,21 +186,22 @@ def ending_exit(exits: ExitView, reason: int) -> tuple[int, str]:
     return EXIT_GUEST_CRASH, f"unhandled exit reason {ExitReason.name_of(reason)} ({reason})"
 
 
-def _lookup(bus: Bus, cache: dict[int, Mapping], addr: int, size: int) -> Mapping | None:
+def _lookup(bus: Bus, cache: dict[int, Hit], addr: int, size: int) -> Hit | None:
     """The miss path of the per-vCPU address cache: ask the bus, remember a hit."""
     m = bus.find(addr, size)
-    if m is not None:
-        cache[addr] = m
-    return m
+    if m is None:
+        return None
+    hit = cache[addr] = (m.base, m.end, m.device)
+    return hit
 
 
-def _device_fault(mapping: Mapping, addr: int) -> None:
+def _device_fault(device: Device, addr: int) -> None:
     """The device.io hook: a planned failure of the device at `addr` (a port or MMIO
     address) stops the machine with the device named."""
     try:
         faults.inject("device.io")
     except OSError as e:
-        raise OSError(e.errno, e.strerror, f"device {mapping.device.name} at {addr:#x}") from None
+        raise OSError(e.errno, e.strerror, f"device {device.name} at {addr:#x}") from None
 
 
 def _access(is_write: bool, size: int, value: int) -> str:
