@@ -1,12 +1,15 @@
 """The `kvmkit` command line."""
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
 from kvmkit import __version__, cli_check, cli_kernel, cli_migrate, cli_snapshot
 from kvmkit.api.server import ApiServer
+from kvmkit.cli_args import join_dashed_values, positive_seconds
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
@@ -15,7 +18,14 @@ from kvmkit.machine import Machine, MachineConfig, RunResult, VmResources, build
 from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
 from kvmkit.machine.console import ConsoleInput, stdin_for_console
 from kvmkit.machine.resources import LinuxBoot
-from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_USAGE
+from kvmkit.machine.result import (
+    EXIT_HOST_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    Terminated,
+)
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.hugepages import HUGEPAGE_SIZES
 from kvmkit.memory.layout import approx_size, format_size
@@ -36,8 +46,10 @@ Ports: 0x3f8 COM1 16550A UART (console), 0x501 debug exit (write a status),
 0x80 POST code. See kvmkit/guests/src/kvmkit.h.
 
 exit status: the guest's own status (written to port 0x501); 0 when every vCPU
-halted; 2 bad input; 3 the guest crashed (triple fault, unknown port, KVM
-internal error); 1 a host-side error; 130 Ctrl-C.
+halted, or a Linux guest powered off or rebooted; 2 bad input; 3 the guest crashed
+(triple fault, unknown port, KVM internal error, a Linux kernel panic); 1 a
+host-side error; 124 --timeout expired; 130 Ctrl-C; 143 SIGTERM. Every ending
+prints one line saying why, and a summary unless -q.
 
 examples:
   kvmkit run
@@ -51,8 +63,7 @@ examples:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
-        self.print_usage(sys.stderr)
-        print(f"kvmkit: error: {message}", file=sys.stderr)
+        print(f"kvmkit: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -201,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         " Unix socket at PATH, mode 0600; see 'kvmkit ctl', 'kvmkit snapshot' and"
         " 'kvmkit migrate'",
     )
+    run.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        dest="run_timeout",
+        metavar="S",
+        help="stop the guest after S seconds (exit status 124, like timeout(1))",
+    )
     add_fault_arguments(run)
     run.add_argument(
         "--quiet",
@@ -267,10 +285,20 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         else NumaPolicy(args.numa_policy, parse_nodes(args.numa_node)),
         hide=args.hide_guest_memory,
         irqchip=args.irqchip,
-        dirty_ring_bytes=0
-        if args.dirty_ring is None
-        else parse_size(args.dirty_ring, "dirty ring size"),
+        dirty_ring_bytes=_dirty_ring(args.dirty_ring),
     )
+
+
+def _dirty_ring(text: str | None) -> int:
+    if text is None:
+        return 0
+    size = parse_size(text, "dirty ring size")
+    if size == 0:
+        raise ConfigError(
+            "--dirty-ring 0 is no ring: give a power of two of at least 4K (e.g. 64K), or"
+            " leave --dirty-ring out to track with the dirty bitmap"
+        )
+    return size
 
 
 def resources_from_args(args: argparse.Namespace) -> VmResources:
@@ -332,9 +360,17 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
         if (fd := stdin_for_console()) is not None:
             ConsoleInput(fd, machine.serial, machine.events)
         server = ApiServer(args.api_socket, machine).start() if args.api_socket else None
+        timer = None
+        if limit := getattr(args, "run_timeout", None):
+            why = f"stopped: the run reached its --timeout of {limit:g} s"
+            timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
+            timer.daemon = True
+            timer.start()
         try:
             result = machine.run()
         finally:
+            if timer is not None:
+                timer.cancel()
             if server is not None:
                 server.close()
     if result.detail:
@@ -400,9 +436,35 @@ def cmd_guests(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options whose value may start with "-" (a negative number: refused by its own check).
+VALUED = frozenset(
+    {
+        "--memory",
+        "-m",
+        "--vcpus",
+        "-c",
+        "--guest-arg",
+        "--entry",
+        "--dirty-ring",
+        "--timeout",
+        "--bandwidth",
+        "--max-downtime-ms",
+        "--max-iterations",
+        "--jobs",
+        "-j",
+    }
+)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # end as Ctrl-C does: cleanly, said
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dashed_values(sys.argv[1:] if argv is None else argv, VALUED))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -424,9 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KvmkitError as e:
         print(f"kvmkit: error: {e}", file=sys.stderr)
         return EXIT_HOST_ERROR
+    except Terminated:
+        print("kvmkit: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("kvmkit: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

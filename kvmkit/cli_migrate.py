@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmkit.api.client import call
+from kvmkit.cli_args import positive_seconds
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
-from kvmkit.errors import ConfigError
+from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.machine.config import parse_size
 from kvmkit.memory.backend import BACKEND_NAMES
 from kvmkit.memory.layout import approx_size
@@ -104,7 +105,11 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
     receive.add_argument("--console", metavar="PATH", help="as for 'kvmkit run'")
     receive.add_argument("--api-socket", metavar="PATH", help="serve the control API here")
     receive.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="give up if no source connects"
+        "--timeout",
+        type=positive_seconds,
+        default=None,
+        metavar="S",
+        help="give up if no source connects within S seconds",
     )
     receive.add_argument("--quiet", "-q", action="store_true", help="no summary")
     add_fault_arguments(receive)
@@ -134,17 +139,29 @@ def _send(args: argparse.Namespace) -> int:
         with _MigrationProgress("migrating", _source_line) as progress:
             reply = call(args.socket, "migrate", request, timeout_s=None, on_event=progress.update)
     except KeyboardInterrupt:
-        print(
-            "kvmkit: migration cancelled: the source rolls back and carries on as it was"
-            " (see 'kvmkit ctl status')",
-            file=sys.stderr,
+        why = (
+            "migration cancelled: the source rolls back and carries on as it was"
+            " (see 'kvmkit ctl status')"
         )
+        if args.json:
+            print(json.dumps({"ok": False, "error": why, "cancelled": True}, indent=2))
+        print(f"kvmkit: {why}", file=sys.stderr)
         return 130
+    except KvmkitError as e:
+        if args.json:  # scripts always get an object
+            print(json.dumps({"ok": False, "error": str(e)}, indent=2))
+        raise
     r = reply["migration"]
     if args.json:
         print(json.dumps(r, indent=2))
     print(format_send_report(r), file=sys.stderr)
     return 0
+
+
+def _link(r: dict[str, Any]) -> str:
+    if not r["bandwidth_bps"]:
+        return "not measured (no pass sent 1 MiB or more)"
+    return f"{approx_size(int(r['bandwidth_bps']))}/s measured"
 
 
 def format_send_report(r: dict[str, Any]) -> str:
@@ -156,7 +173,7 @@ def format_send_report(r: dict[str, Any]) -> str:
         " paused)",
         f"  sent         {approx_size(r['bytes_sent'])}: {r['pages_sent']} pages,"
         f" {r['pages_resent']} resent, {r['zero_pages']} zero (markers only)",
-        f"  link         {approx_size(int(r['bandwidth_bps']))}/s measured",
+        f"  link         {_link(r)}",
         f"  memory       {r['backend']}, dirty tracking: {r['dirty_tracking'] or 'none'}",
         f"  throttle     {r['throttle_max'] * 100:.0f}% at most",
         *(f"  note         {note}" for note in r["notes"]),

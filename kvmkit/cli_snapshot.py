@@ -147,7 +147,9 @@ def bytes_progress(progress: Progress, stage: str) -> Callable[[int, int], None]
 
 def _restore(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
     from kvmkit.control.snapshots import restore_snapshot
+    from kvmkit.machine.resources import ConsoleSpec
 
+    ConsoleSpec(args.console).validate()  # before the snapshot is read
     with Progress("restoring") as progress:
         machine = restore_snapshot(
             args.file,

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from kvmkit.errors import KvmkitError
+from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import enter_phase
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
 from kvmkit.machine.machine import Machine
@@ -91,6 +91,12 @@ def restore_snapshot(
     chunks are verified as they load)."""
     enter_phase("restore")
     snap = SnapshotFile(path)
+    if lazy and (memory_backend or snap.saved.description.backend) == "guest_memfd":
+        snap.close()
+        raise ConfigError(
+            "--lazy fills memory through userfaultfd, which guest_memfd refuses (EINVAL on"
+            " 6.18): restore with --memory-backend memfd --lazy, or without --lazy"
+        )
     source = _SnapshotSource(snap, lazy, prefetch, progress)
     try:
         machine = build_from_saved(source, RestoreOptions(memory_backend, console, console_stream))

@@ -270,16 +270,33 @@ def parse_rule(text: str) -> FaultRule:
     return rule
 
 
+MAX_PLAN_BYTES = 1 << 20
+
+
 def load_plan(rules: list[str], toml_path: str | None = None) -> FaultPlan:
     """Rules from the command line and from a TOML file of [[fault]] tables with
     `rule = "WHERE:WHAT@WHEN"`."""
     texts = list(rules)
     if toml_path:
+        path = Path(toml_path)
         try:
-            data = tomllib.loads(Path(toml_path).read_text())
+            if path.stat().st_size > MAX_PLAN_BYTES:
+                raise ConfigError(
+                    f"fault plan {toml_path} is over {MAX_PLAN_BYTES >> 10} KiB: a plan is a"
+                    " short list of rules"
+                )
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"fault plan {toml_path} is not UTF-8 text (TOML is)") from None
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"fault plan {toml_path}: {e}") from None
-        for i, entry in enumerate(data.get("fault", [])):
+        faults = data.get("fault", [])
+        if not isinstance(faults, list):
+            raise ConfigError(
+                f'fault plan {toml_path}: "fault" must be [[fault]] tables, each with'
+                ' rule = "WHERE:WHAT@WHEN"'
+            )
+        for i, entry in enumerate(faults):
             if not isinstance(entry, dict) or not isinstance(entry.get("rule"), str):
                 raise ConfigError(f'fault plan {toml_path}: [[fault]] {i + 1} needs rule = "..."')
             texts.append(entry["rule"])

@@ -29,7 +29,14 @@ from kvmkit.machine.event_loop import EventLoop
 from kvmkit.machine.halt_watch import HaltWatch
 from kvmkit.machine.pause import USER
 from kvmkit.machine.resources import VmResources
-from kvmkit.machine.result import EXIT_HOST_ERROR, EXIT_INTERRUPTED, EXIT_OK, RunResult
+from kvmkit.machine.result import (
+    EXIT_HOST_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    RunResult,
+    Terminated,
+)
 from kvmkit.machine.run_control import RunControl
 from kvmkit.machine.vcpu_loop import VcpuPort, run_vcpu
 from kvmkit.memory import GuestMemory
@@ -170,6 +177,8 @@ class Machine:
             try:
                 while not self.stopping.wait(0.25):
                     pass
+            except Terminated:
+                self.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
             except KeyboardInterrupt:
                 self.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
             for t in self._threads:

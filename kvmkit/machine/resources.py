@@ -71,6 +71,12 @@ class MachineSpec:
                 f"hugepage size {format_size(self.hugepage_size)} is not one of"
                 f" {', '.join(HUGEPAGE_SIZES)}"
             )
+        if self.memory_backend == "hugetlb" and self.memory_bytes % self.hugepage_size:
+            raise ConfigError(
+                f"memory {format_size(self.memory_bytes)} is not a multiple of the"
+                f" {format_size(self.hugepage_size)} hugepage size: give a multiple, or"
+                " --hugepage-size 2M"
+            )
         if self.hide not in HIDE_MODES:
             raise ConfigError(f"unknown hide mode {self.hide!r}: choose {', '.join(HIDE_MODES)}")
         if self.hide != "off" and self.memory_backend not in ("auto", "guest_memfd"):

@@ -6,7 +6,14 @@ EXIT_OK = 0
 EXIT_HOST_ERROR = 1
 EXIT_USAGE = 2
 EXIT_GUEST_CRASH = 3
-EXIT_INTERRUPTED = 130
+EXIT_TIMEOUT = 124  # as timeout(1): run --timeout expired
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by kvmkit's handler: it ends a run, a restore
+    or a receive the way Ctrl-C does (cleanly, with a summary), but says SIGTERM."""
 
 
 @dataclass

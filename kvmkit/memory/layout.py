@@ -47,13 +47,13 @@ def format_size(n: int) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
         if n >= scale and n % scale == 0:
             return f"{n // scale} {unit}"
-    return f"{n} bytes"
+    return f"{n} byte" if n == 1 else f"{n} bytes"
 
 
 def approx_size(n: int) -> str:
     """Bytes to a person, to one decimal where the size is not exact: "255.9 MiB"."""
     exact = format_size(n)
-    if not exact.endswith(("KiB", "bytes")) or n < MIB:
+    if not exact.endswith(("KiB", "byte", "bytes")) or n < MIB:
         return exact
     for unit, scale in (("GiB", GIB), ("MiB", MIB)):
         if n >= scale:

@@ -12,6 +12,7 @@ from kvmkit.faults import inject
 
 PIECE_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 1 << 16
+BURST_S = 0.05  # the bandwidth cap holds over any window longer than this
 
 
 class ChannelClosed(KvmkitError):
@@ -24,7 +25,7 @@ class Channel:
         self.bandwidth_bps = bandwidth_bps
         self.sent = 0
         self.received = 0
-        self._started = time.monotonic()
+        self._due = time.monotonic()  # when the bytes sent so far may all be out
 
     # -- the section stream (StreamWriter sink / StreamReader source) ------------------
     def write(self, data: bytes | memoryview) -> int:
@@ -49,10 +50,16 @@ class Channel:
             raise ChannelClosed(f"the connection broke while sending: {e.strerror or e}") from None
         self.sent += len(piece)
         if self.bandwidth_bps:
-            due = self._started + self.sent / self.bandwidth_bps
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+            self._pace(len(piece))
+
+    def _pace(self, n: int) -> None:
+        """A cap, not an average: idle time earns at most BURST_S of sending ahead, so a
+        slow first pass cannot be made up by bursting later."""
+        now = time.monotonic()
+        self._due = max(self._due, now - BURST_S) + n / self.bandwidth_bps
+        wait = self._due - now
+        if wait > 0:
+            time.sleep(wait)
 
     def readinto(self, buffer: memoryview) -> int:
         change = self._hook("migration.recv", "receiving")

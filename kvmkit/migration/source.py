@@ -310,11 +310,15 @@ class _SourceMigration:
                 return runs
             if report.iterations >= self.max_iterations:
                 report.converged = False
+                throttled = (
+                    f", throttled to {self.throttle.fraction:.0%}" if self.throttle.fraction else ""
+                )
                 report.notes.append(
-                    f"did not converge in {self.max_iterations} iterations: the guest dirtied"
-                    f" {dirty_rate / (1 << 20):.0f} MiB/s against a link of"
-                    f" {rate / (1 << 20):.0f} MiB/s; the last {remaining >> 10} KiB went with"
-                    " the guest paused"
+                    f"did not converge in {self.max_iterations} iterations: the last pass"
+                    f" ({took:.2f} s) left {remaining >> 10} KiB dirty, at least"
+                    f" {dirty_rate / (1 << 20):.0f} MiB/s of distinct pages from the guest"
+                    f"{throttled}, against a link of {rate / (1 << 20):.0f} MiB/s; those"
+                    " pages went with the guest paused"
                     + ("" if self.auto_converge else " (--auto-converge throttles the vCPUs)")
                 )
                 return runs

@@ -263,6 +263,10 @@ class SnapshotFile:
             self.file: io.RawIOBase = open(self.path, "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             raise ConfigError(f"snapshot {self.path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"snapshot {self.path} is a directory: give a snapshot file"
+            ) from None
         except OSError as e:
             raise ConfigError(f"cannot open snapshot {self.path}: {e.strerror}") from None
         st = os.fstat(self.file.fileno())

@@ -22,6 +22,7 @@ from tests.kvm.migration_helpers import Target
 
 MEMORY = 32 * MIB
 FILLED = 8 * MIB  # written by the host before the guest starts
+DATA_AT = 0x400000
 
 
 def receiver(tmp_path, *extra: str) -> Target:
@@ -40,7 +41,7 @@ def source(tmp_path, request):
         console="none",
     )
     machine = build_for_boot(config)
-    machine.memory.write(0x400000, os.urandom(FILLED))
+    machine.memory.write(DATA_AT, os.urandom(FILLED))
     thread = threading.Thread(target=machine.run, daemon=True)
     thread.start()
     while not machine.running:
@@ -52,7 +53,9 @@ def source(tmp_path, request):
 
 
 def memory_hash(machine: Machine) -> str:
-    return hashlib.sha256(machine.memory.file_view(0, MEMORY)).hexdigest()
+    """The data the host wrote (the guest's page tables are left out: the CPU sets their
+    accessed bits whenever it walks them again, as after the slots were swapped)."""
+    return hashlib.sha256(machine.memory.file_view(DATA_AT, FILLED)).hexdigest()
 
 
 def assert_source_intact(machine: Machine, before: str, state: str = "running") -> None:

@@ -1,0 +1,82 @@
+"""The command line's one rule for bad input: exit status 2 and exactly one line,
+`kvmkit: error: ...`, naming the problem (and where there is one, the fix); never a
+traceback. Walked over every command's bad inputs a user has hit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+KVMKIT = [sys.executable, "-m", "kvmkit"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "text.txt").write_text("not a snapshot, not a kernel\n")
+    (d / "plan5.toml").write_text("fault = 5\n")
+    (d / "planbin.toml").write_bytes(b"\xff\xfe\x00")
+    (d / "planbad.toml").write_text("[[fault]]\nrule = 5\n")
+    return d
+
+
+CASES = [
+    # run: sizes, numbers, files, combinations
+    ("run --memory -1M", "memory size '-1M' is not a size"),
+    ("run --memory 1", "memory 1 byte is too small"),
+    ("run --memory " + "9" * 5000, "is not a size"),
+    ("run --vcpus 0", "vCPUs must be at least 1"),
+    ("run --vcpus many", "vCPU count 'many' is not a number"),
+    ("run --guest nope", "is neither a built-in guest"),
+    ("run --guest-arg -5", "guest argument '-5' is not a number"),
+    ("run --guest-arg 18446744073709551616", "is not a number"),
+    ("run --console {d}", "is a directory"),
+    ("run --console {d}/missing/c.txt", "does not exist"),
+    ("run --dirty-ring 0", "--dirty-ring 0 is no ring"),
+    ("run --dirty-ring 3000", "not a power of two"),
+    ("run --timeout -1", "must be more than 0"),
+    ("run --memory-backend hugetlb --hugepage-size 1G --memory 256M", "hugepage size"),
+    ("run --hide-guest-memory --memory-backend memfd", "needs the guest_memfd backend"),
+    ("run --kernel {d}/missing", "does not exist"),
+    ("run --kernel {d}/text.txt", "is neither an ELF vmlinux nor a bzImage"),
+    ("run --initrd {d}/text.txt", "--initrd goes with --kernel"),
+    ("run --kernel {d}/text.txt --guest hello", "--guest and --kernel"),
+    ("run --fault nonsense", "fault rule"),
+    ("run --fault-plan {d}/plan5.toml", "must be [[fault]] tables"),
+    ("run --fault-plan {d}/planbin.toml", "is not UTF-8"),
+    ("run --fault-plan {d}/planbad.toml", 'needs rule = "..."'),
+    ("run --frobnicate", "unrecognized arguments"),
+    # snapshots and the control API
+    ("snapshot restore {d}/missing.snap", "does not exist"),
+    ("snapshot restore {d}/missing.snap --console {d}", "is a directory"),
+    ("snapshot inspect {d}", "is a directory"),
+    ("ctl status --socket {d}/none.sock", "no kvmkit is listening"),
+    # migration
+    ("migrate send --socket {d}/none.sock --to tcp:h:²", "is not tcp:HOST:PORT"),
+    ("migrate send --socket {d}/none.sock --to tcp:h:1 --bandwidth 1X", "is not a size"),
+    ("migrate receive --listen tcp:127.0.0.1:99999", "is not tcp:HOST:PORT"),
+    ("migrate receive --listen unix:{d}/m.sock --timeout -1", "must be more than 0"),
+    # the rest
+    ("check --profile nope", "unknown profile 'nope'"),
+    ("selftest nope", "unknown selftest group 'nope'"),
+    ("kernel build --jobs zero", "--jobs 'zero' is not a number"),
+    ("frobnicate", "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[c[0][:50] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(files, argv, message):
+    args = [a.replace("{d}", str(files)) for a in argv.split(" ")]
+    p = subprocess.run(
+        [*KVMKIT, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("kvmkit: error: "), p.stderr
+    assert message in lines[0], lines[0]
