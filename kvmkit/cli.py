@@ -373,11 +373,12 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
                 timer.cancel()
             if server is not None:
                 server.close()
+        notes = run_notes(machine)  # while the machine still has its parts
     if result.detail:
         print(f"kvmkit: {result.reason}\n{result.detail}", file=sys.stderr)
     if not args.quiet:
         print(format_summary(result), file=sys.stderr)
-        for note in run_notes(machine):
+        for note in notes:
             print(f"  note         {note}", file=sys.stderr)
         if machine.restored_from:
             print(f"  restored     from {machine.restored_from}", file=sys.stderr)
@@ -389,6 +390,21 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
 def run_notes(machine: Machine) -> list[str]:
     """What the build and a Linux guest's console tell about the run."""
     notes = list(machine.notes)
+    if machine.migrated_from:
+        notes.append(f"migrated from {machine.migrated_from}")
+    stats = getattr(machine.lazy, "stats", None)
+    if stats is not None:
+        notes.append(
+            f"lazy restore: {stats.faults} userfaultfd faults served"
+            f" ({stats.windows_on_demand} windows on demand, {stats.windows_prefetched}"
+            f" prefetched, {stats.zero_pages} zero pages), {approx_size(stats.bytes_loaded)}"
+            " loaded"
+            + (
+                f", complete after {stats.seconds_to_complete:.2f} s"
+                if stats.seconds_to_complete
+                else ""
+            )
+        )
     kernel = machine.control.kernel
     if kernel is not None:
         if kernel.decompressed_s is not None:

@@ -105,7 +105,11 @@ class _Assembly:
 
     def platform(self, irqchip: bool, dirty_ring_bytes: int) -> None:
         if dirty_ring_bytes:  # before the first vCPU
-            self.vm.enable_dirty_ring(dirty_ring_bytes)
+            flavour = self.vm.enable_dirty_ring(dirty_ring_bytes)
+            self.notes.append(
+                f"dirty ring: {format_size(dirty_ring_bytes)} per vCPU ({flavour}), used"
+                " instead of the dirty bitmap when the machine is migrated"
+            )
         if irqchip:
             self.vm.create_irqchip()
             self.vm.create_pit2()

@@ -7,6 +7,8 @@ cannot run here raises `Skip` with the reason.
 """
 
 import errno
+import shutil
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,20 +76,26 @@ def run_check(check: Check) -> CheckResult:
     return CheckResult(check, observed, "FAIL")
 
 
-def format_table(results: list[tuple[str, CheckResult]]) -> str:
-    """A plain-text table of (label, result) rows, then the totals."""
-    rows = [("check", "expects", "observed", "result")]
+def format_table(results: list[tuple[str, CheckResult]], width: int | None = None) -> str:
+    """A plain-text table of (label, result) rows, then the totals; the observed column
+    wraps so no line is wider than `width` (default: the terminal's)."""
+    if width is None:
+        width = shutil.get_terminal_size((100, 24)).columns
+    rows = [("result", "check", "expects", "observed")]
     for label, r in results:
         observed = r.observed if not r.detail else f"{r.observed} ({r.detail})"
-        rows.append((label, r.check.expect, observed, r.status))
+        rows.append((r.status, label, r.check.expect, observed))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    left = sum(widths) + 2 * 3
+    room = max(20, width - left)
     lines = []
     for i, row in enumerate(rows):
-        lines.append(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
-        )
+        head = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+        wrapped = textwrap.wrap(row[3], room, break_on_hyphens=False) or [""]
+        lines.append(f"{head}  {wrapped[0]}".rstrip())
+        lines.extend(" " * left + more for more in wrapped[1:])
         if i == 0:
-            lines.append("  ".join("-" * w for w in widths) + "  ------")
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * min(room, 8))
     statuses = [r.status for _, r in results]
     totals = {s: statuses.count(s) for s in ("PASS", "FAIL", "SKIP", "DEVIATES")}
     lines.append("")

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def kvm() -> Iterator[Kvm]:
+    """The host's /dev/kvm as a `kvmkit.kvm.Kvm`; the test skips, with the reason, where
+    /dev/kvm is missing or not accessible."""
     reason = kvm_unavailable_reason()
     if reason is not None:
         pytest.skip(f"needs KVM: {reason}")
@@ -54,6 +56,9 @@ def kvm() -> Iterator[Kvm]:
 
 @pytest.fixture
 def guest_asm(tmp_path: Path) -> Callable[..., Path]:
+    """`guest_asm(source, name="guest")`: a long-mode guest assembled from Intel-syntax
+    text (it may call the guest library: puts, putdec, exit, ...); the path of its flat
+    binary, for `run_guest` or `vm_factory`."""
     def build(source: str, name: str = "guest") -> Path:
         return build_asm(source, tmp_path, name)
 
@@ -62,11 +67,16 @@ def guest_asm(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def run_guest(kvm: Kvm) -> Callable[..., GuestRun]:
+    """`run_guest(guest, memory="64M", vcpus=1, memory_backend="auto", arg=0, faults=(),
+    timeout_s=60)`: run a guest (built-in name or path) to its end; a `GuestRun` with
+    status, reason, exits, console, lines and injected faults."""
     return run_guest_now
 
 
 @pytest.fixture
 def vm_factory(kvm: Kvm) -> Iterator[Callable[..., Machine]]:
+    """`vm_factory(guest, **options)`: a built `kvmkit.machine.Machine` to drive yourself
+    (run, pause, memory, vCPU state), closed after the test."""
     with ExitStack() as stack:
 
         def make(guest: str | Path = "hello", **options: object) -> Machine:
@@ -77,6 +87,8 @@ def vm_factory(kvm: Kvm) -> Iterator[Callable[..., Machine]]:
 
 @pytest.fixture
 def fault_plan() -> Iterator[Callable[..., FaultPlan]]:
+    """`fault_plan(*rules)`: activate fault rules (`WHERE:WHAT@WHEN`) for the rest of the
+    test; the `FaultPlan`, whose `log` lists every injection."""
     with ExitStack() as stack:
 
         def activate(*rules: str) -> FaultPlan:
