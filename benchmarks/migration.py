@@ -10,6 +10,10 @@ of socket in the same run.
    - into memory: the same, the reader writing into fresh guest-sized memory of the
      same backend (the transport plus the page allocation a target cannot avoid).
    Target: total / raw <= 1.25.
+3. A Linux guest (the test kernel at its init's prompt, `kvmkit kernel build`) migrated
+   over a unix socket by kvmkit and by QEMU (`-M microvm`, QMP migrate to a second QEMU
+   started with -incoming), same kernel and command line: downtime and total time, as
+   ratios kvmkit / QEMU.
 2. The dirtier guest writing 10%, 50% and 90% of the link's bandwidth (the link is
    limited with --bandwidth so the guest, emulated on a PVM host, can keep up): the
    downtime, iterations, total time and the throttle auto-converge needed.
@@ -33,6 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))  # qemu_ref
 
 from kvmkit.api.client import call  # noqa: E402
 from kvmkit.machine import Machine, MachineConfig, build_for_boot  # noqa: E402
@@ -235,6 +240,60 @@ def dirtier(tmp: Path, link: int, shares: list[int]) -> None:
             )
 
 
+def linux(tmp: Path, rounds: int, mem_mib: int = 128) -> None:
+    """The test kernel idle at its init's prompt, migrated over a unix socket: kvmkit
+    (source restored from a booted snapshot, target a `kvmkit migrate receive`) against
+    QEMU (a booted microvm migrated with QMP `migrate` to a second QEMU started with
+    -incoming), same kernel, initrd, command line and memory."""
+    from qemu_ref import Qemu, qemu_command
+
+    from kvmkit.guests.linux.build import find_test_kernel
+    from kvmkit.testing.linux import boot_test_kernel, restore_guest, snapshot_at_prompt
+
+    kernel = find_test_kernel()
+    if kernel is None:
+        print("\nLinux case skipped: the test kernel is not built (kvmkit kernel build)")
+        return
+    guest, _ = boot_test_kernel(kernel, memory=f"{mem_mib}M")
+    cmdline = guest.machine.description.boot.cmdline
+    snap = snapshot_at_prompt(guest, tmp / "linux.snap")
+    k_down, k_total, q_down, q_total = [], [], [], []
+    for _ in range(rounds):
+        source = restore_guest(snap)
+        source.command("echo ready")
+        target = Target(tmp, "unix")
+        r = migrate(source.machine, target.address)
+        source.finish()
+        source.close()
+        target.stop()
+        k_down.append(r.downtime_ms)
+        k_total.append(r.total_s * 1000)
+    base = qemu_command(kernel.vmlinux, kernel.initramfs, cmdline, mem_mib)
+    src = Qemu(base, tmp, "qsrc")
+    src.wait_console("kvmkit-init: ready")
+    for i in range(rounds):
+        sock = tmp / f"q{i}.sock"
+        dst = Qemu(base, tmp, f"qdst{i}", incoming=f"unix:{sock}")
+        info = src.migrate(f"unix:{sock}")
+        src.close()
+        q_down.append(float(info.get("downtime", 0)))
+        q_total.append(float(info.get("total-time", 0)))
+        src = dst  # the target runs on: migrate it next round
+    src.close()
+    kd, kt = statistics.median(k_down), statistics.median(k_total)
+    qd, qt = statistics.median(q_down), statistics.median(q_total)
+    print(
+        f"\nLinux guest (test kernel, {mem_mib} MiB, idle at its prompt) over unix,"
+        f" median of {rounds}"
+    )
+    print(
+        f"  kvmkit  downtime {kd:6.1f} ms   total {kt:7.1f} ms  ({r.bytes_sent / MIB:.0f} MiB sent)"
+    )
+    print(f"  QEMU    downtime {qd:6.1f} ms   total {qt:7.1f} ms  (its own query-migrate figures)")
+    print(f"  ratio kvmkit / QEMU: downtime {kd / qd:.2f}, total {kt / qt:.2f}")
+    print("  (kvmkit's downtime runs to the target's 'running'; QEMU's to its completion)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--touched-mib", type=int, default=1024)
@@ -242,6 +301,7 @@ def main() -> None:
     p.add_argument("--link-mib", type=int, default=256, help="link limit for the dirtier")
     p.add_argument("--skip-idle", action="store_true")
     p.add_argument("--skip-dirtier", action="store_true")
+    p.add_argument("--skip-linux", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvmkit-migrate-bench-") as tmp:
         if not args.skip_idle:
@@ -250,6 +310,8 @@ def main() -> None:
                     idle(Path(tmp), backend, kind, args.touched_mib * MIB, args.rounds)
         if not args.skip_dirtier:
             dirtier(Path(tmp), args.link_mib * MIB, [10, 50, 90])
+        if not args.skip_linux:
+            linux(Path(tmp), args.rounds)
 
 
 if __name__ == "__main__":

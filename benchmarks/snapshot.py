@@ -11,6 +11,9 @@ on the same file system, measured in the same run.
    with the same 64 MiB touched. Target: within 2x (cost follows touched memory).
 3. Lazy restore (memfd): time from calling restore to the guest's first console line,
    for 1 GiB and 8 GiB touched. Target: under 50 ms for both.
+4. A Linux guest (the test kernel at its init's prompt): save, and restore to the next
+   console line, kvmkit against QEMU (-M microvm; QMP `stop` + migrate to a file, then
+   -incoming from it) on the same guest, as ratios.
 
     python3 benchmarks/snapshot.py [--touched-mib 1024] [--dir /var/tmp] [--skip-lazy]
 
@@ -22,6 +25,7 @@ import argparse
 import mmap
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))  # qemu_ref
 
 from kvmkit.control.snapshots import restore_snapshot, take_snapshot  # noqa: E402
 from kvmkit.machine import Machine, MachineConfig, build_for_boot  # noqa: E402
@@ -266,6 +271,77 @@ def lazy(directory: Path, sizes: list[int], rounds: int) -> None:
     snap.unlink()
 
 
+def _to_line(cmd: list[str], text: str = "restored") -> float:
+    """Start `cmd` with `echo TEXT` waiting on its stdin; seconds until TEXT is echoed
+    back by the guest on its stdout (the restore-to-next-console-line time)."""
+    start = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)  # fmt: skip
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(f"echo {text}\n".encode())
+    p.stdin.flush()
+    seen = b""
+    for chunk in iter(lambda: p.stdout.read1(4096), b""):  # type: ignore[union-attr]
+        seen = (seen + chunk)[-4096:]
+        if f"\n{text}".encode() in seen:
+            break
+    took = time.monotonic() - start
+    p.kill()
+    p.wait()
+    return took
+
+
+def linux(directory: Path, rounds: int, mem_mib: int = 128) -> None:
+    """The test kernel at its init's prompt: save (kvmkit snapshot vs QEMU `stop` +
+    migrate to a file) and restore to the next console line (`kvmkit snapshot restore`
+    vs QEMU `-incoming exec:cat FILE`), both whole processes, same guest."""
+    from qemu_ref import Qemu, qemu_command
+
+    from kvmkit.guests.linux.build import find_test_kernel
+    from kvmkit.testing.linux import boot_test_kernel
+
+    kernel = find_test_kernel()
+    if kernel is None:
+        print("\nLinux case skipped: the test kernel is not built (kvmkit kernel build)")
+        return
+    guest, _ = boot_test_kernel(kernel, memory=f"{mem_mib}M")
+    cmdline = guest.machine.description.boot.cmdline
+    k_save, k_restore, q_save, q_restore = [], [], [], []
+    snap = directory / "linux.snap"
+    for _ in range(rounds):
+        snap.unlink(missing_ok=True)
+        k_save.append(take_snapshot(guest.machine, snap, resume=True).seconds)
+    guest.close()
+    for _ in range(rounds):
+        k_restore.append(
+            _to_line([sys.executable, "-m", "kvmkit", "snapshot", "restore", str(snap)])
+        )
+    base = qemu_command(kernel.vmlinux, kernel.initramfs, cmdline, mem_mib)
+    qfile = directory / "qemu.state"
+    for i in range(rounds):
+        q = Qemu(base, directory, f"q{i}")
+        q.wait_console("kvmkit-init: ready")
+        q.qmp("stop")
+        start = time.monotonic()
+        q.migrate(f"exec:cat > {qfile}")
+        q_save.append(time.monotonic() - start)
+        q.close()
+    for _ in range(rounds):
+        q_restore.append(_to_line([*base, "-serial", "stdio", "-incoming", f"exec:cat {qfile}"]))
+    ks, kr = statistics.median(k_save), statistics.median(k_restore)
+    qs, qr = statistics.median(q_save), statistics.median(q_restore)
+    print(f"\nLinux guest (test kernel, {mem_mib} MiB, at its prompt), median of {rounds}:")
+    print(
+        f"  save                    kvmkit {ks * 1000:7.1f} ms   QEMU {qs * 1000:7.1f} ms"
+        f"   ratio {ks / qs:.2f}  ({snap.stat().st_size / MIB:.1f} vs"
+        f" {qfile.stat().st_size / MIB:.1f} MiB)"
+    )
+    print(
+        f"  restore to next line    kvmkit {kr * 1000:7.1f} ms   QEMU {qr * 1000:7.1f} ms"
+        f"   ratio {kr / qr:.2f}  (whole processes)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--touched-mib", type=int, default=1024)
@@ -273,6 +349,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--lazy-gib", default="1,8", help="touched sizes for the lazy case")
     p.add_argument("--skip-lazy", action="store_true")
+    p.add_argument("--skip-linux", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="kvmkit-bench-") as tmp:
         d = Path(tmp)
@@ -282,6 +359,8 @@ def main() -> None:
             scaling(d, backend, args.rounds)
         if not args.skip_lazy:
             lazy(d, [int(g) * GIB for g in args.lazy_gib.split(",")], args.rounds)
+        if not args.skip_linux:
+            linux(d, args.rounds)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from typing import Any, BinaryIO
 
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import enter_phase
+from kvmkit.kvm import KvmUnsupportedError
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
 from kvmkit.machine.machine import Machine
 from kvmkit.machine.result import EXIT_HOST_ERROR
@@ -30,7 +31,12 @@ def take_snapshot(
     """Pause, write a snapshot, then resume if `resume` (else the machine stays paused,
     held by the user, as `ctl pause` would). If writing fails, nothing is left at `path`
     and the machine is as it was (running if it was running)."""
-    if not machine.running:
+    enter_phase("snapshot")
+    if machine.memory is not None and machine.memory.hidden:
+        raise KvmUnsupportedError(
+            "snapshot", "guest memory is hidden from kvmkit, so it cannot be saved"
+        )
+    if not machine.alive:
         raise KvmkitError("the machine is not running, so there is nothing to snapshot")
     if machine.lazy is not None:
         machine.lazy.finish()  # a snapshot needs every page of the one it came from

@@ -15,7 +15,6 @@ from typing import Protocol
 from kvmkit.errors import ConfigError
 
 CHUNK_BYTES = 1 << 20
-_ZEROS = bytes(CHUNK_BYTES)
 
 
 class RamWriter(Protocol):
@@ -109,8 +108,9 @@ class ImageFile:
 
 def zero_fill(ram: RamWriter, gpa: int, length: int) -> None:
     """Write `length` zero bytes at `gpa`, a chunk at a time."""
+    zeros = memoryview(bytes(min(CHUNK_BYTES, length)))  # made when needed, not at import
     done = 0
     while done < length:
-        n = min(CHUNK_BYTES, length - done)
-        ram.write(gpa + done, memoryview(_ZEROS)[:n])
+        n = min(len(zeros), length - done)
+        ram.write(gpa + done, zeros[:n])
         done += n

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Protocol
 
-from kvmkit.arch.x86.guest_cpuid import PVM_HIDDEN
 from kvmkit.devices.bus import Device
 from kvmkit.devices.console import ConsoleOutput
 from kvmkit.devices.debug_exit import DEBUG_EXIT_LEN, DEBUG_EXIT_PORT, DebugExit
@@ -26,14 +25,13 @@ from kvmkit.devices.rtc import RTC_PORT, RTC_PORTS, CmosRtc
 from kvmkit.devices.serial import COM1_BASE, COM1_IRQ, UART_REGS, Serial16550
 from kvmkit.errors import ConfigError
 from kvmkit.guests.abi import BOOT_FLAG_PVM_HOST
-from kvmkit.hostcheck.probes import guest_memfd_runs_unmapped
 from kvmkit.kvm import Kvm, KvmError, KvmUnsupportedError, Vcpu
-from kvmkit.machine import linux_boot
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
 from kvmkit.machine.console import open_console
 from kvmkit.machine.device_manager import DeviceManager
 from kvmkit.machine.event_loop import EventLoop
+from kvmkit.machine.kernel_console import KernelConsole
 from kvmkit.machine.machine import Machine, MachineParts
 from kvmkit.machine.resources import LinuxBoot, ProgramBoot, VmResources
 from kvmkit.machine.run_control import RunControl
@@ -289,6 +287,9 @@ def _boot_program(
 
 def _boot_linux(a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool) -> BootRecord:
     """Load a Linux kernel; the boot vCPU enters it, the others wait for its SIPI."""
+    from kvmkit.arch.x86.guest_cpuid import PVM_HIDDEN  # Linux only: not at import
+    from kvmkit.machine import linux_boot
+
     assert a.memory is not None and a.devices is not None and a.console is not None
     try:
         tsc_khz: int | None = a.vcpus[0].get_tsc_khz()
@@ -315,7 +316,7 @@ def _boot_linux(a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool) -> 
 def _watch_kernel(a: _Assembly) -> None:
     """Read a Linux guest's console for how it ends (panic, power down, restart)."""
     assert a.console is not None
-    kernel = linux_boot.KernelConsole()
+    kernel = KernelConsole()
     a.control.kernel = kernel
     a.console.line_watchers.append(kernel.line)
 
@@ -328,6 +329,8 @@ def _dirty_rings(a: _Assembly, ring_bytes: int) -> None:
 
 def _hide_guest_memory(a: _Assembly) -> None:
     """Unmap guest RAM from this process, keeping only windows devices declare."""
+    from kvmkit.hostcheck.probes import guest_memfd_runs_unmapped
+
     assert a.memory is not None and a.devices is not None
     probe = guest_memfd_runs_unmapped()
     if not probe.ok:

@@ -300,6 +300,12 @@ class Machine:
         return bool(self._threads) and not self.stopping.is_set()
 
     @property
+    def alive(self) -> bool:
+        """Built and not ended: running, or about to (a pause or snapshot asked before
+        `run()` starts the vCPUs holds them at their first KVM_RUN)."""
+        return not self.stopping.is_set() and not self._closed
+
+    @property
     def paused(self) -> bool:
         return self.gate.paused
 
@@ -313,7 +319,7 @@ class Machine:
         """Stop every vCPU at a clean point (no exit half-done), and the event loop
         between callbacks, and wait for it. Pauses are held by `holder`: the machine
         runs again once every holder resumed it."""
-        if not self.running:
+        if not self.alive:
             raise KvmkitError("the machine is not running, so it cannot be paused")
         enter_phase("pause")
         self.gate.pause(holder, self._kick_all, timeout_s)

@@ -72,10 +72,10 @@ class MachineSpec:
                 f" {', '.join(HUGEPAGE_SIZES)}"
             )
         if self.memory_backend == "hugetlb" and self.memory_bytes % self.hugepage_size:
+            smaller = " or --hugepage-size 2M" if self.hugepage_size > 2 << 20 else ""
             raise ConfigError(
                 f"memory {format_size(self.memory_bytes)} is not a multiple of the"
-                f" {format_size(self.hugepage_size)} hugepage size: give a multiple, or"
-                " --hugepage-size 2M"
+                f" {format_size(self.hugepage_size)} hugepage size: give a multiple{smaller}"
             )
         if self.hide not in HIDE_MODES:
             raise ConfigError(f"unknown hide mode {self.hide!r}: choose {', '.join(HIDE_MODES)}")

@@ -4,7 +4,7 @@ watches; the pause gate; what the guest's own devices ask (exit, reset)."""
 import threading
 from collections.abc import Callable
 
-from kvmkit.machine.linux_boot import KernelConsole
+from kvmkit.machine.kernel_console import KernelConsole
 from kvmkit.machine.pause import PauseGate
 from kvmkit.machine.result import EXIT_GUEST_CRASH, EXIT_HOST_ERROR, EXIT_OK, RunResult
 

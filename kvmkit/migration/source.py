@@ -371,7 +371,12 @@ class _SourceMigration:
         if not isinstance(e, KvmkitError | OSError):
             e = KvmkitError(f"internal error: {type(e).__name__}: {e}")
         if self.go_sent and not isinstance(e, TargetDidNotStart):
-            self.machine.request_pause()  # the operator's to resume now: a user's pause
+            # Paused for good, as the operator's pause: dirty logging has nothing left to
+            # track (guest_memfd slots are bound again), and a later resume runs as usual.
+            with contextlib.suppress(KvmkitError):
+                if self.dirty.active:
+                    self.dirty.stop()
+            self.machine.request_pause()
             self.machine.resume(MIGRATION)
             return MigrationError(
                 f"migration to {self.address} failed after the go ({e}): the target may be"

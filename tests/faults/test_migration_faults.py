@@ -94,6 +94,24 @@ def test_a_failure_in_any_phase_leaves_the_source_intact(tmp_path, source, rule,
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("source", ["guest_memfd", "memfd"], indirect=True)
+def test_a_cut_after_the_go_leaves_the_source_paused_without_dirty_logging(tmp_path, source):
+    """The go went out, then the line broke before the target said `running`: the source
+    stays paused (the target may run), with dirty logging off and its guest_memfd slots
+    bound again; the operator's resume runs it as before."""
+    before = memory_hash(source)
+    target = receiver(tmp_path)
+    with active_plan(load_plan(["migration.recv:disconnect@once,after=migration.commit"])):
+        with pytest.raises(MigrationError, match="failed after the go .* stays paused"):
+            migrate(source, target.listen)
+    assert_source_intact(source, before, state="paused")
+    assert source.status()["paused_by"] == ["user"]
+    assert source.resume()
+    assert source.status()["state"] == "running"
+    target.p.kill()
+    target.wait(60)
+
+
 def test_the_target_says_the_source_closed_the_connection(tmp_path, source):
     """A source that stops mid-stream (here: its connection drops during pre-copy) is
     named as such by the target, not as a truncated stream."""

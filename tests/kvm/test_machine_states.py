@@ -15,9 +15,25 @@ from kvmkit.hostcheck.probes import gmem_probe
 from .snapshot_helpers import Running, assert_counter_output, counter_config
 
 
-def test_a_machine_that_was_never_run_is_created_and_cannot_pause(vm_factory):
-    machine = vm_factory("counter", memory="16M")
+def test_a_pause_before_the_run_holds_the_vcpus_at_their_first_kvm_run(vm_factory):
+    """An API client may ask before run() has started the vCPUs (its socket is up
+    first): the pause holds, no guest instruction runs until the resume."""
+    import threading
+
+    machine = vm_factory("counter", memory="16M", arg=5)
     assert machine.status()["state"] == "created"
+    machine.pause()
+    assert machine.status()["state"] == "paused"
+    results = []
+    t = threading.Thread(target=lambda: results.append(machine.run()))
+    t.start()
+    time.sleep(0.2)
+    assert machine.paused and machine.post.writes == 0 and machine.serial.transmitted == 0
+    machine.resume()
+    t.join(30)
+    assert results[0].status == 0, results[0].reason
+    assert machine.serial.transmitted > 0
+    machine.stop(0, "over")
     with pytest.raises(KvmkitError, match="not running, so it cannot be paused"):
         machine.pause()
 

@@ -243,7 +243,7 @@ def test_short_hugetlb_pool_names_the_sysctl():
 
 
 def test_hugetlb_size_must_divide_memory():
-    with pytest.raises(HugepagePoolError, match="multiple of the 2 MiB hugepage size"):
+    with pytest.raises(ConfigError, match="multiple of the 2 MiB hugepage size"):
         build_for_boot(MachineConfig(memory_bytes=3 * MIB, memory_backend="hugetlb"))
 
 

@@ -17,7 +17,7 @@ from kvmkit.api.server import ApiServer
 from kvmkit.arch.x86.host_cpu import host_cpu
 from kvmkit.control.snapshots import restore_snapshot, take_snapshot
 from kvmkit.devices.serial import COM1_BASE, UART_REGS
-from kvmkit.errors import KvmkitError
+from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import FaultPlan, FaultRule, active_plan, load_plan
 from kvmkit.kvm import KvmUnsupportedError
 from kvmkit.machine import Machine
@@ -388,6 +388,6 @@ def test_lazy_restore_of_guest_memfd_memory_is_refused_with_the_way_out(tmp_path
     path = tmp_path / "g.snap"
     path.write_bytes(good_snapshot)
     before = open_fds()
-    with pytest.raises(KvmUnsupportedError, match="--memory-backend memfd --lazy"):
+    with pytest.raises(ConfigError, match="--memory-backend memfd --lazy"):
         restore_snapshot(path, lazy=True, console="none")
     assert open_fds() == before
