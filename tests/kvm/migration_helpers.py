@@ -131,11 +131,12 @@ def send(
 
 
 def send_in_background(source: Source, to: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    p = subprocess.Popen(
         [*KVMKIT, "migrate", "send", "--socket", source.socket, "--to", to, *extra],
         stderr=subprocess.PIPE,
         text=True,
     )
+    return p
 
 
 def report(p: subprocess.CompletedProcess) -> dict:
