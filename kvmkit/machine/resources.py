@@ -8,6 +8,7 @@ Every problem is a ConfigError: one line naming the value and the fix.
 """
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -227,6 +228,149 @@ class ConsoleSpec:
             raise ConfigError(f"console file {self.target}: directory {parent} does not exist")
 
 
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE | re.ASCII)
+MAX_DRIVES = 16
+MAX_NETS = 8
+IFNAMSIZ = 16  # the kernel's interface name buffer, with its NUL
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$", re.ASCII)
+VSOCK_HOST_CID = 2  # 0 hypervisor, 1 local, 2 host: a guest's CID is 3 or more
+UDS_MAX = 107  # sun_path, less the NUL; the vsock adds "_PORT" for guest connections
+
+
+def _check_device_id(kind: str, device_id: str) -> None:
+    if not DEVICE_ID_RE.match(device_id):
+        shown = device_id if len(device_id) <= 40 else device_id[:40] + "..."
+        raise ConfigError(
+            f"{kind} id {shown!r} is not valid: use 1 to 64 letters, digits, '_' or '-'"
+        )
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """A virtio-blk disk: a raw file or block device (Firecracker's /drives/{id})."""
+
+    drive_id: str
+    path: str
+    read_only: bool = False
+    root: bool = False  # the guest's root file system: root=/dev/vdX on the command line
+    serial: str | None = None  # the VIRTIO_BLK_T_GET_ID string (20 bytes); default: drive_id
+    cache: str = "unsafe"  # unsafe (flush is a no-op) or writeback (flush is fsync)
+
+    def validate(self) -> None:
+        _check_device_id("drive", self.drive_id)
+        p = Path(self.path)
+        if not p.exists():
+            raise ConfigError(f"drive {self.drive_id}: {self.path} does not exist")
+        if p.is_dir():
+            raise ConfigError(f"drive {self.drive_id}: {self.path} is a directory: give a file")
+        mode = os.R_OK if self.read_only else os.R_OK | os.W_OK
+        if not os.access(p, mode):
+            how = "readable" if self.read_only else "readable and writable (or add ro)"
+            raise ConfigError(f"drive {self.drive_id}: {self.path} is not {how}")
+        if self.cache not in ("unsafe", "writeback"):
+            raise ConfigError(
+                f"drive {self.drive_id}: unknown cache type {self.cache!r}: choose unsafe or"
+                " writeback"
+            )
+        if self.serial is not None and (
+            len(self.serial.encode()) > 20 or not self.serial.isprintable()
+        ):
+            raise ConfigError(
+                f"drive {self.drive_id}: serial {self.serial[:40]!r} must be at most 20"
+                " printable bytes"
+            )
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A virtio-net interface on a host tap device (Firecracker's
+    /network-interfaces/{id}). `mac`: the guest's MAC (None: one kvmkit derives)."""
+
+    iface_id: str
+    tap: str
+    mac: str | None = None
+
+    def validate(self) -> None:
+        _check_device_id("network interface", self.iface_id)
+        if (
+            not 0 < len(self.tap.encode()) < IFNAMSIZ
+            or "/" in self.tap
+            or self.tap.strip() != (self.tap)
+        ):
+            raise ConfigError(
+                f"network interface {self.iface_id}: tap name {self.tap[:40]!r} must be 1 to"
+                f" {IFNAMSIZ - 1} characters without '/' or spaces"
+            )
+        if self.mac is not None:
+            if not MAC_RE.match(self.mac):
+                raise ConfigError(
+                    f"network interface {self.iface_id}: MAC {self.mac[:40]!r} is not of the"
+                    " form 06:00:ac:10:00:02"
+                )
+            if int(self.mac[:2], 16) & 1:
+                raise ConfigError(
+                    f"network interface {self.iface_id}: MAC {self.mac} is a multicast address:"
+                    " the first byte must be even (e.g. 06:...)"
+                )
+
+
+@dataclass(frozen=True)
+class VsockSpec:
+    """A virtio-vsock device in Firecracker's hybrid style: guest connections to port P
+    reach the host unix socket `<uds>_P`; host clients connect to `uds` and send
+    `CONNECT P\n`."""
+
+    cid: int
+    uds: str
+
+    def validate(self) -> None:
+        if not VSOCK_HOST_CID < self.cid < 1 << 32:
+            raise ConfigError(
+                f"vsock guest CID {self.cid} is out of range: use 3 to 4294967295 (0-2 are"
+                " reserved)"
+            )
+        if len(os.fsencode(self.uds)) + 11 > UDS_MAX:
+            raise ConfigError(
+                f"vsock socket path {self.uds[:60]!r} is too long for a unix socket (with"
+                f" '_PORT' added it must fit {UDS_MAX} bytes): use a shorter path"
+            )
+        parent = Path(self.uds).resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"vsock socket {self.uds}: directory {parent} does not exist")
+        if Path(self.uds).exists():
+            raise ConfigError(
+                f"vsock socket {self.uds} already exists: remove it or choose another path"
+            )
+
+
+@dataclass(frozen=True)
+class BalloonSpec:
+    """A virtio-balloon: the target size to take from the guest, statistics every
+    `stats_interval_s` seconds (0: off), deflate on the guest's OOM, free page
+    reporting. Pages the guest gives are punched out of the memory backing."""
+
+    amount_mib: int = 0
+    deflate_on_oom: bool = False
+    stats_interval_s: int = 0
+    free_page_reporting: bool = False
+
+    def validate(self, memory_bytes: int) -> None:
+        if not 0 <= self.amount_mib <= memory_bytes >> 20:
+            raise ConfigError(
+                f"balloon target {self.amount_mib} MiB is outside 0 to the guest's"
+                f" {memory_bytes >> 20} MiB"
+            )
+        if not 0 <= self.stats_interval_s <= 3600:
+            raise ConfigError(
+                f"balloon statistics interval {self.stats_interval_s} s: use 0 (off) to 3600"
+            )
+
+
+@dataclass(frozen=True)
+class EntropySpec:
+    """A virtio-rng device fed from the host's getrandom()."""
+
+
 @dataclass(frozen=True)
 class VmResources:
     """Everything a machine is built from. Immutable: `with_*` gives a changed copy."""
@@ -234,6 +378,11 @@ class VmResources:
     machine: MachineSpec = field(default_factory=MachineSpec)
     boot: BootSource = field(default_factory=ProgramBoot)
     console: ConsoleSpec = field(default_factory=ConsoleSpec)
+    drives: tuple[DriveSpec, ...] = ()
+    nets: tuple[NetSpec, ...] = ()
+    vsock: VsockSpec | None = None
+    balloon: BalloonSpec | None = None
+    entropy: EntropySpec | None = None
 
     def with_machine(self, spec: MachineSpec) -> "VmResources":
         spec.validate()
@@ -246,11 +395,65 @@ class VmResources:
         console.validate()
         return replace(self, console=console)
 
+    def with_drive(self, drive: DriveSpec) -> "VmResources":
+        """Add `drive`, or replace the drive of the same id."""
+        drive.validate()
+        others = tuple(d for d in self.drives if d.drive_id != drive.drive_id)
+        if drive.root and any(d.root for d in others):
+            root = next(d for d in others if d.root)
+            raise ConfigError(
+                f"drive {drive.drive_id}: drive {root.drive_id} is already the root device:"
+                " only one drive can be"
+            )
+        if len(others) >= MAX_DRIVES:
+            raise ConfigError(f"drive {drive.drive_id}: kvmkit takes at most {MAX_DRIVES} drives")
+        kept = [d if d.drive_id != drive.drive_id else drive for d in self.drives]
+        if len(others) == len(self.drives):
+            kept.append(drive)
+        return replace(self, drives=tuple(kept))
+
+    def with_net(self, net: NetSpec) -> "VmResources":
+        """Add `net`, or replace the interface of the same id."""
+        net.validate()
+        others = [n for n in self.nets if n.iface_id != net.iface_id]
+        for n in others:
+            if n.tap == net.tap:
+                raise ConfigError(
+                    f"network interface {net.iface_id}: tap {net.tap} is already {n.iface_id}'s"
+                )
+            if net.mac is not None and n.mac is not None and n.mac.lower() == net.mac.lower():
+                raise ConfigError(
+                    f"network interface {net.iface_id}: MAC {net.mac} is already {n.iface_id}'s"
+                )
+        if len(others) >= MAX_NETS:
+            raise ConfigError(f"network interface {net.iface_id}: kvmkit takes at most {MAX_NETS}")
+        kept = [n if n.iface_id != net.iface_id else net for n in self.nets]
+        if len(others) == len(self.nets):
+            kept.append(net)
+        return replace(self, nets=tuple(kept))
+
+    def with_vsock(self, vsock: VsockSpec) -> "VmResources":
+        vsock.validate()
+        return replace(self, vsock=vsock)
+
+    def with_balloon(self, balloon: BalloonSpec) -> "VmResources":
+        balloon.validate(self.machine.memory_bytes)
+        return replace(self, balloon=balloon)
+
+    def with_entropy(self, entropy: EntropySpec) -> "VmResources":
+        return replace(self, entropy=entropy)
+
     def validate(self, max_vcpus: int | None = None) -> None:
         """Raise ConfigError for the first problem; `max_vcpus` is the host's limit."""
         self.machine.validate(max_vcpus)
         self.boot.validate(self.machine.memory_bytes)
         self.console.validate()
+        for drive in self.drives:
+            drive.validate()
+        for net in self.nets:
+            net.validate()
+        if self.balloon is not None:
+            self.balloon.validate(self.machine.memory_bytes)
         if isinstance(self.boot, LinuxBoot) and self.machine.vcpus > 1 and not self.machine.irqchip:
             raise ConfigError(
                 "Linux on more than one vCPU needs the in-kernel irqchip (its APs start by"
