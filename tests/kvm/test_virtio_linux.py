@@ -1,83 +1,36 @@
 """virtio-mmio devices under the project's Linux test kernel: virtio-blk, virtio-rng
 and virtio-balloon as a Linux driver uses them, checked from the host side.
 
-One boot per module (`virtio_snapshot`: the test kernel with two drives, an rng and a
-balloon, snapshotted at its prompt); each test restores it in milliseconds, with its
-own copy of the disks (`--drive-path`, here `drive_paths=`), so tests never share
-disk contents.
+One boot per session (`virtio_snapshot` in tests/conftest.py: the test kernel with
+two drives, an rng and a balloon, snapshotted at its prompt); each test restores it
+in milliseconds, with its own copy of the disks (`virtio_disks`; `--drive-path`,
+here `drive_paths=`), so tests never share disk contents.
 """
 
 import io
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from kvmkit.control.snapshots import restore_snapshot, take_snapshot
 from kvmkit.guests.linux.pattern import fnv_hex, pattern
-from kvmkit.machine import build_for_boot
-from kvmkit.machine.resources import BalloonSpec, DriveSpec, EntropySpec
-from kvmkit.testing.linux import READY, LinuxGuest, kernel_resources
+from kvmkit.testing.linux import LinuxGuest, restore_guest
+from tests.conftest import VIRTIO_BASE_BYTES, VIRTIO_DATA_BYTES
 
-DATA_BYTES = 32 << 20
-BASE_BYTES = 4 << 20
-BASE_SEED = 99
-
-
-@dataclass
-class VirtioSnapshot:
-    path: Path
-    data: Path  # the read-write drive "data" (/dev/vda), as at the snapshot
-    base: Path  # the read-only drive "base" (/dev/vdb)
-
-
-@pytest.fixture(scope="module")
-def virtio_snapshot(test_kernel, tmp_path_factory) -> VirtioSnapshot:
-    """The test kernel booted once with blk0 (data, rw, writeback), blk1 (base, ro),
-    rng and balloon, snapshotted at its init's prompt."""
-    d = tmp_path_factory.mktemp("virtio")
-    data, base = d / "data.img", d / "base.img"
-    with open(data, "wb") as f:
-        f.truncate(DATA_BYTES)
-    base.write_bytes(pattern(BASE_SEED, 0, BASE_BYTES))
-    resources = (
-        kernel_resources(test_kernel)
-        .with_drive(DriveSpec("data", str(data), serial="KVMKIT-DATA", cache="writeback"))
-        .with_drive(DriveSpec("base", str(base), read_only=True))
-        .with_entropy(EntropySpec())
-        .with_balloon(BalloonSpec())
-    )
-    guest = LinuxGuest(build_for_boot(resources, console=io.BytesIO()))
-    try:
-        guest.wait_for(READY, 180)
-        path = d / "virtio.snap"
-        take_snapshot(guest.machine, path)
-    finally:
-        guest.close()
-    return VirtioSnapshot(path, data, base)
-
-
-@pytest.fixture
-def disks(virtio_snapshot, tmp_path) -> dict[str, Path]:
-    """This test's copies of the snapshot's drives, by drive id."""
-    out = {}
-    for drive_id, src in (("data", virtio_snapshot.data), ("base", virtio_snapshot.base)):
-        out[drive_id] = tmp_path / src.name
-        shutil.copyfile(src, out[drive_id])
-    out["base"].chmod(0o444)
-    return out
+DATA_BYTES = VIRTIO_DATA_BYTES
+BASE_BYTES = VIRTIO_BASE_BYTES
 
 
 def restore(snapshot: Path, disks: dict[str, Path]) -> LinuxGuest:
-    machine = restore_snapshot(
-        snapshot,
-        console_stream=io.BytesIO(),
-        drive_paths={k: str(v) for k, v in disks.items()},
-    )
-    return LinuxGuest(machine)
+    return restore_guest(snapshot, drive_paths={k: str(v) for k, v in disks.items()})
+
+
+@pytest.fixture
+def disks(virtio_disks):
+    return virtio_disks
 
 
 @pytest.fixture
