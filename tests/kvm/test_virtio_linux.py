@@ -162,3 +162,46 @@ def test_a_missing_backing_file_on_restore_is_one_clear_error(virtio_snapshot, d
             virtio_snapshot.path, console_stream=io.BytesIO(), drive_paths={"data": gone}
         )
     assert os.path.exists(disks["data"])
+
+
+def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, tmp_path):
+    import threading
+
+    from kvmkit.migration import IncomingMigration
+    from kvmkit.migration.source import migrate
+
+    offset, length, seed = 4 << 20, 24 << 20, 11
+    address = f"unix:{tmp_path / 'in.sock'}"
+    incoming = IncomingMigration(address)
+    received: list[LinuxGuest] = []
+
+    def receive() -> None:
+        machine = incoming.receive(
+            console_stream=io.BytesIO(), drive_paths={k: str(v) for k, v in disks.items()}
+        )
+        incoming.commit()
+        incoming.close()
+        incoming.confirm_when_running()
+        received.append(LinuxGuest(machine))
+
+    target = threading.Thread(target=receive, daemon=True)
+    target.start()
+    blk = guest.machine.devices["blk0"]
+    start = blk.requests
+    guest.send(f"blk-write /dev/vda {offset} {length} {seed}")
+    _wait(lambda: blk.requests >= start + 4, "the guest's first writes")
+    migrate(guest.machine, address)
+    assert "written=" not in guest.console  # the write was still going on at the source
+    target.join(60)
+    assert received, "the target did not start"
+    moved = received[0]
+    try:
+        done = moved.wait_for("written=", 120)
+        expected = pattern(seed, 0, length)
+        assert done.split("fnv=")[1] == fnv_hex(expected)
+        with open(disks["data"], "rb") as f:
+            f.seek(offset)
+            assert f.read(length) == expected
+        assert moved.machine.description.device("blk0").config["drive_id"] == "data"
+    finally:
+        moved.close()
