@@ -205,3 +205,33 @@ def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, 
         assert moved.machine.description.device("blk0").config["drive_id"] == "data"
     finally:
         moved.close()
+
+
+def test_balloon_statistics_and_free_page_reporting(test_kernel):
+    """Its own boot: the balloon's features are negotiated when the driver probes.
+    Linux reports free blocks of pageblock order (4 MiB in the test kernel) that are
+    freed after the driver starts; a small guest frees few of those, so the guest is
+    told to report from order 5 (128 KiB) up."""
+    from kvmkit.machine import build_for_boot
+    from kvmkit.machine.resources import BalloonSpec
+    from kvmkit.testing.linux import READY, kernel_resources
+
+    order = "page_reporting.page_reporting_order=5"
+    resources = kernel_resources(test_kernel, cmdline=order).with_balloon(
+        BalloonSpec(stats_interval_s=1, free_page_reporting=True)
+    )
+    guest = LinuxGuest(build_for_boot(resources, console=io.BytesIO()))
+    try:
+        guest.wait_for(READY, 180)
+        balloon = guest.machine.devices["balloon"]
+        _wait(lambda: "total_memory" in balloon.stats, "the first statistics")
+        total_kb = int(guest.command("meminfo").value("memtotal_kb"))
+        assert balloon.stats["total_memory"] == total_kb * 1024
+        populated = guest.machine.memory.populated_bytes()
+        assert guest.command("mem-touch 8").rc == 0  # 8 MiB in use, then freed
+        assert guest.command("mem-free").rc == 0
+        _wait(lambda: balloon.reported_bytes >= 2 << 20, "a free page report")
+        assert guest.machine.memory.populated_bytes() < populated + (8 << 20)
+        assert balloon.discard_errors == 0
+    finally:
+        guest.close()
