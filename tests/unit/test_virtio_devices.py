@@ -34,11 +34,15 @@ HDR, DATA, STATUS = 0x10000, 0x20000, 0x30000
 class Ram:
     def __init__(self) -> None:
         self.data = bytearray(RAM)
+        self.dirtied: list[tuple[int, int]] = []
 
     def view(self, gpa: int, length: int) -> memoryview:
         if gpa < 0 or gpa + length > RAM:
             raise KvmkitError("not guest RAM")
         return memoryview(self.data)[gpa : gpa + length]
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        self.dirtied.append((gpa, length))
 
 
 class Driver:

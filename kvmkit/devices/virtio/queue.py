@@ -51,6 +51,10 @@ class GuestRam(Protocol):
         of it is not guest RAM (or not reachable from the host)."""
         ...
 
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """The device wrote [gpa, gpa+length): a migration must send it again."""
+        ...
+
 
 @dataclass(frozen=True)
 class QueueState:
@@ -98,6 +102,7 @@ class Virtqueue:
         self.name = name
         self.max_size = max_size
         self.event_idx = False  # VIRTIO_F_EVENT_IDX negotiated
+        self._writable: dict[int, list[tuple[int, int]]] = {}  # head -> buffers, until push
         self.indirect = False  # VIRTIO_F_INDIRECT_DESC negotiated
         self.load(state or QueueState(size=max_size))
 
@@ -126,6 +131,7 @@ class Virtqueue:
 
     def reset(self) -> None:
         self.load(QueueState(size=self.max_size))
+        self._writable.clear()
 
     # -- checks ---------------------------------------------------------------------------
     def check(self, ram: GuestRam) -> None:
@@ -188,9 +194,12 @@ class Virtqueue:
         head = int.from_bytes(self._view(ram, self.avail + 4 + 2 * slot, 2, "avail ring"), "little")
         chain = self._walk(ram, head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if chain.writable:  # marked dirty when the chain is returned (head < size)
+            self._writable[head] = chain.writable
         if self.event_idx:  # avail_event: notify me when you pass what I have taken
             at = self.used + 4 + 8 * self.size
             self._view(ram, at, 2, "avail_event")[:] = self.last_avail.to_bytes(2, "little")
+            ram.mark_dirty(at, 2)
         return chain
 
     def _walk(self, ram: GuestRam, head: int) -> Chain:
@@ -265,6 +274,10 @@ class Virtqueue:
         elem[:] = struct.pack("<II", head, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._view(ram, self.used + 2, 2, "used index")[:] = self.used_idx.to_bytes(2, "little")
+        ram.mark_dirty(self.used + 4 + 8 * slot, 8)
+        ram.mark_dirty(self.used + 2, 2)
+        for gpa, length in self._writable.pop(head, ()):  # what the device may have written
+            ram.mark_dirty(gpa, length)
 
     def should_interrupt(self, ram: GuestRam) -> bool:
         """Whether the driver wants an interrupt for the chains pushed since the last
