@@ -265,3 +265,16 @@ def test_live_migration_with_a_disk_read_in_flight_moves_what_the_device_wrote(
         assert done.split("fnv=")[1] == fnv_hex(pattern(seed, 0, length))
     finally:
         moved.close()
+
+
+def test_a_replacement_disk_of_another_size_is_refused(virtio_snapshot, disks):
+    from kvmkit.errors import ConfigError
+
+    with open(disks["data"], "r+b") as f:
+        f.truncate(1 << 20)
+    with pytest.raises(ConfigError, match="drive data: .* holds 1048576 bytes, but the saved"):
+        restore_snapshot(
+            virtio_snapshot.path,
+            console_stream=io.BytesIO(),
+            drive_paths={k: str(v) for k, v in disks.items()},
+        )

@@ -259,6 +259,8 @@ class VirtioMmioDevice:
                 self.device_queue(index)
             except QueueError as e:
                 self.fail(str(e))
+            except KvmkitError as e:  # guest RAM the walker let through, then refused
+                self.fail(f"{self.name} queue {index}: {e}")
 
     # -- registers (vCPU threads) ---------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
