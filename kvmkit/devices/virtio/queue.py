@@ -51,9 +51,14 @@ class GuestRam(Protocol):
         of it is not guest RAM (or not reachable from the host)."""
         ...
 
-    def mark_dirty(self, gpa: int, length: int) -> None:
-        """The device wrote [gpa, gpa+length): a migration must send it again."""
-        ...
+
+def mark_dirty(ram: GuestRam, gpa: int, length: int) -> None:
+    """Tell `ram` the device wrote [gpa, gpa+length), so a migration sends it again
+    (GuestMemory.mark_dirty: KVM's dirty log does not see the VMM's writes). A RAM
+    without `mark_dirty` (a unit test's bytearray) records nothing."""
+    record = getattr(ram, "mark_dirty", None)
+    if record is not None:
+        record(gpa, length)
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,7 @@ class Virtqueue:
         if self.event_idx:  # avail_event: notify me when you pass what I have taken
             at = self.used + 4 + 8 * self.size
             self._view(ram, at, 2, "avail_event")[:] = self.last_avail.to_bytes(2, "little")
-            ram.mark_dirty(at, 2)
+            mark_dirty(ram, at, 2)
         return chain
 
     def _walk(self, ram: GuestRam, head: int) -> Chain:
@@ -274,10 +279,10 @@ class Virtqueue:
         elem[:] = struct.pack("<II", head, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._view(ram, self.used + 2, 2, "used index")[:] = self.used_idx.to_bytes(2, "little")
-        ram.mark_dirty(self.used + 4 + 8 * slot, 8)
-        ram.mark_dirty(self.used + 2, 2)
+        mark_dirty(ram, self.used + 4 + 8 * slot, 8)
+        mark_dirty(ram, self.used + 2, 2)
         for gpa, length in self._writable.pop(head, ()):  # what the device may have written
-            ram.mark_dirty(gpa, length)
+            mark_dirty(ram, gpa, length)
 
     def should_interrupt(self, ram: GuestRam) -> bool:
         """Whether the driver wants an interrupt for the chains pushed since the last
