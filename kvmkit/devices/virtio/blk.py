@@ -146,7 +146,11 @@ class VirtioBlk(VirtioMmioDevice):
             features |= 1 << VIRTIO_BLK_F_RO
         else:
             features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
-        super().__init__(name, ram, irq, features, state.transport if state else None)
+        try:
+            super().__init__(name, ram, irq, features, state.transport if state else None)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.requests = state.requests if state else 0
         self.request_errors = state.errors if state else 0
 
