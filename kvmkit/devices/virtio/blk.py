@@ -30,7 +30,7 @@ from kvmkit.records import bounds
 VIRTIO_ID_BLOCK = 2
 QUEUE_SIZE = 256
 SECTOR = 512
-SEG_MAX = 128  # data descriptors per request the driver may use
+SEG_MAX = QUEUE_SIZE - 2  # data descriptors per request: with header and status, a ring
 
 VIRTIO_BLK_F_SEG_MAX = 2
 VIRTIO_BLK_F_RO = 5
