@@ -31,6 +31,37 @@ examples:
   kvmkit snapshot restore /tmp/vm.snap
   kvmkit snapshot restore /tmp/vm.snap --memory-backend memfd --lazy"""
 
+CTL_EPILOG = """\
+requests:
+  status   the machine's state (created, running, paused, stopped), vCPUs, memory,
+           uptime, who holds it paused (paused_by), where it was restored or
+           migrated from, and how the run ended
+  pause    stop every vCPU at a clean point and wait for it; the machine stays
+           paused until a resume (a second pause changes nothing)
+  resume   let a paused machine run again
+  stop     end the run, as the guest's own exit would: 'kvmkit run' prints its
+           summary and exits 0; a snapshot or migration in progress is cancelled
+
+one operation at a time: while a migration, a snapshot, a pause or a resume of a
+machine is in progress, another of these is refused ("a migration of this machine
+is in progress"); status and stop are always answered.
+
+the socket speaks one JSON object per line, {"cmd": ..., arguments}; besides the
+four above it takes:
+  {"cmd": "snapshot", "path": FILE, "resume": BOOL, "compress": LEVEL, "force": BOOL}
+           what 'kvmkit snapshot create' sends; an existing FILE is replaced only
+           with "force" and only if it is a kvmkit snapshot
+  {"cmd": "migrate", "to": ADDRESS, "max_downtime_ms": N, "bandwidth_bps": N,
+   "max_iterations": N, "auto_converge": BOOL}
+           what 'kvmkit migrate send' sends
+each answer is {"ok": true, ...} or {"ok": false, "error": "..."}; long requests send
+{"event": {...}} lines before it, and are cancelled if the client goes away.
+
+examples:
+  kvmkit ctl status --socket /tmp/vm.sock
+  kvmkit ctl pause --socket /tmp/vm.sock
+  kvmkit ctl stop --socket /tmp/vm.sock"""
+
 
 def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  # noqa: ANN401
     snap = sub.add_parser(
@@ -98,9 +129,16 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
     ctl = sub.add_parser(
         "ctl",
         help="pause, resume, stop or query a machine through its control socket",
-        description="Send one control request to a machine started with --api-socket.",
+        description="Send one control request to a machine started with --api-socket and"
+        " print its JSON answer.",
+        epilog=CTL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ctl.add_argument("request", choices=["status", "pause", "resume", "stop"])
+    ctl.add_argument(
+        "request",
+        choices=["status", "pause", "resume", "stop"],
+        help="status, pause, resume or stop (see below)",
+    )
     ctl.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
 
 
