@@ -79,13 +79,21 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
         "create",
         help="snapshot the machine serving --socket",
         description="Pause the machine serving --socket, write its snapshot to --out, and"
-        " leave it paused (or running, with --resume). If the write fails, the machine"
-        " returns to how it was and no file is left.",
+        " leave it paused (or running, with --resume). If the write fails, or is cancelled"
+        " (Ctrl-C here, or 'kvmkit ctl stop'), the machine returns to how it was, no new"
+        " file is left and a file that was at --out stays. An existing --out is refused"
+        " unless --force, and a file that is not a kvmkit snapshot is never replaced.",
     )
     create.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
     create.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
     create.add_argument(
         "--resume", action="store_true", help="let the machine run on after the snapshot"
+    )
+    create.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it is an existing kvmkit snapshot (a file that is not a"
+        " snapshot is never replaced)",
     )
     create.add_argument(
         "--compress",
@@ -159,10 +167,19 @@ def cmd_snapshot(args: argparse.Namespace, run_machine: Callable[..., int]) -> i
 def _create(args: argparse.Namespace) -> int:
     if args.compress is not None and not 1 <= args.compress <= 22:
         raise ConfigError(f"--compress level {args.compress} is not between 1 and 22")
+    from kvmkit.control.snapshots import check_replaceable
+
     out = os.path.abspath(args.out)  # the machine may run in another directory
-    reply = call(
-        args.socket, "snapshot", {"path": out, "resume": args.resume, "compress": args.compress}
-    )
+    check_replaceable(out, args.force)  # here too, so that the refusal exits 2
+    request = {"path": out, "resume": args.resume, "compress": args.compress, "force": args.force}
+    with Progress("snapshot") as progress:
+
+        def show(event: dict[str, Any]) -> None:
+            if event.get("phase") == "memory":
+                bytes_progress(progress, "saving memory")(event["done"], event["total"])
+
+        # Ctrl-C closes the connection, and the machine cancels the snapshot.
+        reply = call(args.socket, "snapshot", request, on_event=show)
     r = reply["snapshot"]
     print(
         f"kvmkit: snapshot {r['path']}: {approx_size(r['file_bytes'])}, memory"

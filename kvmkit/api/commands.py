@@ -67,15 +67,19 @@ def _snapshot(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, A
         else:
             emit({})  # only: is the client still there?
 
-    emit({})  # a client gone before it starts cancels it before the pause
-    report = take_snapshot(
-        machine,
-        path,
-        resume=bool(args.get("resume", False)),
-        compress_level=level,
-        progress=progress,
-        replace=bool(args.get("force", False)),
-    )
+    try:
+        emit({})  # a client gone before it starts cancels it before the pause
+        report = take_snapshot(
+            machine,
+            path,
+            resume=bool(args.get("resume", False)),
+            compress_level=level,
+            progress=progress,
+            replace=bool(args.get("force", False)),
+        )
+    except KvmkitError as e:  # the caller may be gone: say it where the VM runs, too
+        print(f"kvmkit: snapshot {path} not written: {e}", file=sys.stderr, flush=True)
+        raise
     return {"snapshot": report.to_dict(), **machine.status()}
 
 
