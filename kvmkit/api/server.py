@@ -100,9 +100,11 @@ class _Client:
         self.evicted = False
 
     def hung_up(self) -> bool:
-        """Whether the peer closed its end (checked without reading)."""
+        """Whether the peer closed the connection (checked without reading). A peer
+        that only shut down its sending side (socat after its input ends) is still
+        there to read the answer."""
         p = select.poll()
-        p.register(self.conn, select.POLLHUP | select.POLLERR | select.POLLRDHUP)
+        p.register(self.conn, select.POLLHUP | select.POLLERR)
         try:
             return bool(p.poll(0))
         except OSError:

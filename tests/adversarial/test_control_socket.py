@@ -226,3 +226,20 @@ def _answers(sock: str) -> bool:
         return call(sock, "status", connect_timeout_s=0.2)["state"] == "running"
     except KvmkitError:
         return False
+
+
+def test_a_client_that_only_stops_sending_still_gets_its_snapshot(tmp_path):
+    """socat shuts down its sending side when its input ends: not a hang-up."""
+    vm = Vm(tmp_path)
+    try:
+        s = vm.connect()
+        path = tmp_path / "vm.snap"
+        s.sendall(json.dumps({"cmd": "snapshot", "path": str(path), "resume": True}).encode())
+        s.sendall(b"\n")
+        s.shutdown(socket.SHUT_WR)
+        lines = s.makefile("rb").read().splitlines()
+        s.close()
+        assert json.loads(lines[-1])["ok"] is True, lines[-1]
+        assert path.stat().st_size > 0
+    finally:
+        vm.kill()
