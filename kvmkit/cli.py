@@ -359,13 +359,19 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
     with machine:
         if (fd := stdin_for_console()) is not None:
             ConsoleInput(fd, machine.serial, machine.events)
-        server = ApiServer(args.api_socket, machine).start() if args.api_socket else None
+        server: ApiServer | None = None
         timer = None
-        if limit := getattr(args, "run_timeout", None):
-            why = f"stopped: the run reached its --timeout of {limit:g} s"
-            timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
-            timer.daemon = True
-            timer.start()
+        try:  # a signal before the run starts ends it as one during the run would
+            server = ApiServer(args.api_socket, machine).start() if args.api_socket else None
+            if limit := getattr(args, "run_timeout", None):
+                why = f"stopped: the run reached its --timeout of {limit:g} s"
+                timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
+                timer.daemon = True
+                timer.start()
+        except Terminated:
+            machine.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
+        except KeyboardInterrupt:
+            machine.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
         try:
             result = machine.run()
         finally:
