@@ -23,6 +23,7 @@ from kvmkit.faults import enter_phase
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.exits import NR_REASONS
 from kvmkit.kvm.vcpu import install_kick_handler, kick_handler
+from kvmkit.libc import malloc_trim
 from kvmkit.machine.boot import BootPlan
 from kvmkit.machine.device_manager import DeviceManager
 from kvmkit.machine.event_loop import EventLoop
@@ -179,6 +180,7 @@ class Machine:
                     t.start()
                 if self._watch is not None:
                     self._watch.start()
+                malloc_trim()  # what the build freed goes back to the kernel
                 while not self.stopping.wait(0.25):
                     pass
             except Terminated:
