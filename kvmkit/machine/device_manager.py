@@ -151,3 +151,7 @@ class DeviceManager:
             with contextlib.suppress(KvmkitError):
                 line.close()
         self._irqfds.clear()
+        for device in self.devices.values():  # host fds a device holds (a disk file)
+            release = getattr(device, "release", None)
+            if release is not None:
+                release()
