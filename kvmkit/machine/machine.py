@@ -28,6 +28,7 @@ from kvmkit.machine.boot import BootPlan
 from kvmkit.machine.device_manager import DeviceManager
 from kvmkit.machine.event_loop import EventLoop
 from kvmkit.machine.halt_watch import HaltWatch
+from kvmkit.machine.operations import PAUSE, RESUME, Operations
 from kvmkit.machine.pause import USER
 from kvmkit.machine.resources import VmResources
 from kvmkit.machine.result import (
@@ -51,6 +52,7 @@ from kvmkit.uapi.cpu import (
 from kvmkit.uapi.exits import ExitReason
 
 JOIN_TIMEOUT_S = 5.0
+OPERATION_END_TIMEOUT_S = 30.0  # what close() waits for a snapshot or migration to end
 RFLAGS_IF = 1 << 9
 WAITING_FOR_SIPI = (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
 
@@ -108,6 +110,7 @@ class Machine:
         self.stopping = self.control.stopping
         self.attention = self.control.attention
         self.gate = self.control.gate
+        self.operations = Operations(self.stopping)  # one at a time: machine/operations.py
         self.restored_from: str | None = None
         self.migrated_from: str | None = None
         self.restore_notes: list[str] = []
@@ -325,15 +328,33 @@ class Machine:
     def pause(self, timeout_s: float = 10.0, holder: str = USER) -> None:
         """Stop every vCPU at a clean point (no exit half-done), and the event loop
         between callbacks, and wait for it. Pauses are held by `holder`: the machine
-        runs again once every holder resumed it."""
+        runs again once every holder resumed it. The user's pause (holder "user") is
+        an operation: refused (OperationRefused) while a migration, snapshot, pause or
+        resume is in progress; other holders pause within their own operation."""
         if not self.alive:
             raise KvmkitError("the machine is not running, so it cannot be paused")
+        if holder != USER:
+            self._pause(holder, timeout_s)
+            return
+        with self.operations.begin(PAUSE):
+            self._pause(holder, timeout_s)
+
+    def _pause(self, holder: str, timeout_s: float) -> None:
         enter_phase("pause")
-        self.gate.pause(holder, self._kick_all, timeout_s)
-        self._sync_events()
+        try:
+            self.gate.pause(holder, self._kick_all, timeout_s)
+        finally:
+            self._sync_events()
 
     def resume(self, holder: str = USER) -> bool:
-        """Drop `holder`'s pause; False if it held none."""
+        """Drop `holder`'s pause; False if it held none. The user's resume is an
+        operation, refused as the user's pause is."""
+        if holder != USER:
+            return self._resume(holder)
+        with self.operations.begin(RESUME):
+            return self._resume(holder)
+
+    def _resume(self, holder: str) -> bool:
         enter_phase("resume")
         released = self.gate.release(holder)
         self._sync_events()
@@ -363,6 +384,7 @@ class Machine:
             "populated_bytes": self.memory.populated_bytes(),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0,
             "paused_by": self.gate.holders,
+            "in_progress": self.operations.in_progress,
             "restored_from": self.restored_from,
             "migrated_from": self.migrated_from,
             "result": result.reason if result else None,
@@ -376,6 +398,11 @@ class Machine:
         self._closed = True
         if self._threads and not self.stopping.is_set():
             self.stop(EXIT_OK, "closed")
+        if not self.operations.wait_idle(OPERATION_END_TIMEOUT_S):
+            # A snapshot or migration still reads guest memory (a write stuck on a slow
+            # disk or peer): leave the memory mapped for the process's end, never free
+            # it under the reader.
+            self.memory = None
         if self.lazy is not None:
             self.lazy.close()
             self.lazy = None
