@@ -28,6 +28,7 @@ from kvmkit.api.schema import Body, SchemaError
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.machine import Machine, VmResources, build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
+from kvmkit.machine.pause import USER
 from kvmkit.machine.resources import (
     BalloonSpec,
     DriveSpec,
@@ -44,6 +45,7 @@ FC_API_VERSION = "1.17.0"  # the Firecracker API level kvmkit answers as
 DEFAULT_MEM_MIB = 128  # Firecracker's default machine-config
 INSTANCE_ID = "anonymous-instance"
 SNAPSHOT_HOLDER = "fc-snapshot"
+START_WAIT_S = 10.0
 PRE_BOOT = "is only allowed before InstanceStart: the microVM is already running"
 POST_BOOT = "is only allowed after InstanceStart: the microVM is not started yet"
 
@@ -146,7 +148,7 @@ class FirecrackerVmm:
     def state(self) -> str:
         if self.machine is None:
             return "Not started"
-        return "Paused" if self.machine.paused else "Running"
+        return "Paused" if _user_paused(self.machine) else "Running"
 
     def pre_boot(self, what: str) -> None:
         if self.started:
@@ -242,6 +244,12 @@ class FirecrackerVmm:
     def start_instance(self) -> None:
         with self._lock:
             _instance_start(self)
+
+
+def _user_paused(machine: Machine) -> bool:
+    """Paused by the API's (the user's) pause: PATCH /vm Paused, or a load without
+    resume_vm (which holds the vCPUs at their first KVM_RUN)."""
+    return machine.gate.held_by(USER)
 
 
 def _append(path: str, text: str) -> None:
@@ -532,6 +540,7 @@ def _put_actions(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> N
     action = d["action_type"]
     if action == "InstanceStart":
         _instance_start(vmm)
+        _wait_until_running(vmm)
     elif action == "FlushMetrics":
         vmm.flush_metrics()
     else:
@@ -549,6 +558,16 @@ def _instance_start(vmm: FirecrackerVmm) -> None:
         )
     machine = build_for_boot(vmm.resources)
     vmm._set_machine(machine)
+
+
+def _wait_until_running(vmm: FirecrackerVmm) -> None:
+    """Answer InstanceStart once the main thread runs the machine, as Firecracker does."""
+    machine = vmm.machine
+    deadline = time.monotonic() + START_WAIT_S
+    while machine is not None and machine.started_at is None and machine.alive:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
 
 
 def _patch_vm(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> None:
@@ -584,7 +603,7 @@ def _snapshot_create(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) 
     machine = vmm.post_boot("PUT /snapshot/create")
     if d.get("snapshot_type", "Full") != "Full":
         raise Fault("snapshot_type Diff is not supported: kvmkit writes Full snapshots")
-    if not machine.paused:
+    if not _user_paused(machine):
         raise Fault(
             'PUT /snapshot/create needs the microVM paused: PATCH /vm {"state": "Paused"} first'
         )
