@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from kvmkit import __version__, cli_check, cli_kernel, cli_migrate, cli_snapshot
+from kvmkit import __version__, cli_check, cli_firecracker, cli_kernel, cli_migrate, cli_snapshot
 from kvmkit.cli_args import join_dashed_values, positive_seconds
 from kvmkit.cli_devices import add_device_arguments, apply_device_args
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the guest after S seconds (exit status 124, like timeout(1))",
     )
     add_device_arguments(run)
+    cli_firecracker.add_arguments(run)
     add_fault_arguments(run)
     run.add_argument(
         "--quiet",
@@ -369,6 +370,9 @@ def format_summary(r: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if cli_firecracker.wanted(args):  # Firecracker's API or config file configures it
+        spec = config_from_args(args).resources().machine
+        return run_with_faults(args, lambda: cli_firecracker.cmd_run(args, spec, run_machine))
     resources = apply_device_args(args, resources_from_args(args))
     return run_with_faults(args, lambda: run_machine(build_for_boot(resources), args))
 
