@@ -23,6 +23,7 @@ from kvmkit.faults import enter_phase
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.exits import NR_REASONS
 from kvmkit.kvm.vcpu import install_kick_handler, kick_handler
+from kvmkit.libc import malloc_trim
 from kvmkit.machine.boot import BootPlan
 from kvmkit.machine.device_manager import DeviceManager
 from kvmkit.machine.event_loop import EventLoop
@@ -159,34 +160,40 @@ class Machine:
         """Run until the guest exits, every vCPU halts, an error, or Ctrl-C."""
         if self._threads or self._closed:
             raise RuntimeError("a Machine runs once; build a new one to run again")
-        ports = [self._port(v) for v in self.vcpus]
         start = self.started_at = time.monotonic()
-        self.gate.start([v.index for v in self.vcpus])
-        if self.irqchip:
-            self._watch = HaltWatch(
-                len(self.vcpus), self._kick_one, self._all_idle, self.control.stopping
-            )
-        enter_phase("run")
-        self.events.start()
+        ports: list[VcpuPort] = []
         with kick_handler():
-            for port in ports:
-                t = threading.Thread(
-                    target=self._vcpu_thread, args=(port,), name=f"vcpu{port.index}", daemon=True
-                )
-                self._threads.append(t)
-                t.start()
-            if self._watch is not None:
-                self._watch.start()
-            try:
+            try:  # a signal while the run starts ends it as one during the run does
+                ports.extend(self._port(v) for v in self.vcpus)
+                self.gate.start([v.index for v in self.vcpus])
+                if self.irqchip:
+                    self._watch = HaltWatch(
+                        len(self.vcpus), self._kick_one, self._all_idle, self.control.stopping
+                    )
+                enter_phase("run")
+                self.events.start()
+                for port in ports:
+                    t = threading.Thread(
+                        target=self._vcpu_thread,
+                        args=(port,),
+                        name=f"vcpu{port.index}",
+                        daemon=True,
+                    )
+                    self._threads.append(t)
+                    t.start()
+                if self._watch is not None:
+                    self._watch.start()
+                malloc_trim()  # what the build freed goes back to the kernel
                 while not self.stopping.wait(0.25):
                     pass
             except Terminated:
                 self.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
             except KeyboardInterrupt:
                 self.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
-            for t in self._threads:
+            started = [t for t in self._threads if t.ident is not None]  # a signal may cut start()
+            for t in started:
                 t.join(JOIN_TIMEOUT_S)
-            stuck = [t.name for t in self._threads if t.is_alive()]
+            stuck = [t.name for t in started if t.is_alive()]
             if stuck:
                 self.stop(EXIT_HOST_ERROR, f"vCPU threads did not stop: {', '.join(stuck)}")
         wall = time.monotonic() - start
