@@ -88,6 +88,7 @@ def test_clients_hanging_up_early_leave_no_traceback(tmp_path):
             # close with a reset (SO_LINGER 0) so the server's answer meets ECONNRESET
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
+        settle(lambda: call(vm.socket, "status")["in_progress"] == [])
         settle(lambda: vm.threads() <= threads and vm.fds() <= fds)
         call(vm.socket, "resume")  # a pause may have landed before its client left
         assert call(vm.socket, "status")["state"] == "running"
