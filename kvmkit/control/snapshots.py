@@ -26,6 +26,7 @@ from kvmkit.snapshot.machine_state import ProgressFn, read_memory
 from kvmkit.snapshot.model import MachineDescription, MachineState
 
 SNAPSHOT = "snapshot"  # the pause holder while a snapshot is written
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on a file name and a path, in bytes
 
 
 def take_snapshot(
@@ -74,8 +75,19 @@ def take_snapshot(
 
 
 def check_replaceable(path: str | os.PathLike[str], replace: bool) -> None:
-    """Refuse to write over an existing file unless `replace`, and over a file that is
-    not a kvmkit snapshot at all (a typo'd path must never destroy a disk image)."""
+    """Refuse a path no file can have (a NUL byte, a name over NAME_MAX bytes, the
+    whole over PATH_MAX) before any work; refuse to write over an existing file unless
+    `replace`, and over a file that is not a kvmkit snapshot at all (a typo'd path
+    must never destroy a disk image)."""
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ConfigError(f"snapshot path {os.fsdecode(raw)!r} contains a NUL byte")
+    longest = max((len(part) for part in raw.split(b"/")), default=0)
+    if longest > NAME_MAX or len(raw) >= PATH_MAX:
+        raise ConfigError(
+            f"snapshot path {os.fsdecode(raw)[:80]}... is too long ({len(raw)} bytes, a name"
+            f" of {longest}; the most is {PATH_MAX - 1} and {NAME_MAX} for a name)"
+        )
     if not os.path.lexists(path) or os.path.isdir(path):
         return  # a directory is refused by the writer, naming it
     try:
