@@ -1,9 +1,11 @@
 """The control API's requests, fuzzed against one running VM: every request (known
 commands with arguments of every type and value, unknown ones, raw bytes) is answered
 with one JSON object, an error is never a kvmkit "internal error", and the VM is
-alive and intact after them all."""
+alive and intact after them all. A longer run:
+KVMKIT_CONTROL_FUZZ_EXAMPLES=3000 pytest tests/adversarial/test_control_fuzz.py."""
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from kvmkit.api.client import call
 from tests.adversarial.control_helpers import Vm, settle
 from tests.adversarial.test_control_load import runs_on_intact
 
-EXAMPLES = 150
+EXAMPLES = int(os.environ.get("KVMKIT_CONTROL_FUZZ_EXAMPLES", "150"))  # more for a longer run
 
 scalars = st.one_of(
     st.none(),
