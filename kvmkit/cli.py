@@ -10,6 +10,7 @@ from typing import NoReturn
 from kvmkit import __version__, cli_check, cli_kernel, cli_migrate, cli_snapshot
 from kvmkit.api.server import ApiServer
 from kvmkit.cli_args import join_dashed_values, positive_seconds
+from kvmkit.cli_devices import add_device_arguments, apply_device_args
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop the guest after S seconds (exit status 124, like timeout(1))",
     )
+    add_device_arguments(run)
     add_fault_arguments(run)
     run.add_argument(
         "--quiet",
@@ -349,7 +351,7 @@ def format_summary(r: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    resources = resources_from_args(args)
+    resources = apply_device_args(args, resources_from_args(args))
     return run_with_faults(args, lambda: run_machine(build_for_boot(resources), args))
 
 

@@ -91,13 +91,15 @@ def restore_snapshot(
     lazy: bool = False,
     prefetch: bool = True,
     progress: ProgressFn | None = None,
+    drive_paths: dict[str, str] | None = None,
     net_taps: dict[str, str] | None = None,
     vsock_uds: str | None = None,
 ) -> Machine:
     """A machine that continues the snapshot at `path` when `run()`. Every section is
     verified before the machine is built or any guest code runs (with `lazy`, memory
-    chunks are verified as they load). `net_taps` (interface id -> tap) and
-    `vsock_uds` attach the restored network interfaces and vsock elsewhere."""
+    chunks are verified as they load). `drive_paths`: drive id -> a backing file to
+    use instead of the saved one; `net_taps` (interface id -> tap) and `vsock_uds`
+    attach the restored network interfaces and vsock elsewhere."""
     enter_phase("restore")
     snap = SnapshotFile(path)
     if lazy and (memory_backend or snap.saved.description.backend) == "guest_memfd":
@@ -109,7 +111,7 @@ def restore_snapshot(
     source = _SnapshotSource(snap, lazy, prefetch, progress)
     try:
         options = RestoreOptions(
-            memory_backend, console, console_stream, net_taps=net_taps, vsock_uds=vsock_uds
+            memory_backend, console, console_stream, drive_paths, net_taps, vsock_uds
         )
         machine = build_from_saved(source, options)
     except BaseException:

@@ -295,6 +295,11 @@ def build_for_boot(
     try:
         spec, boot = resources.machine, resources.boot
         resources.validate(max_vcpus=a.kvm.check_extension(Cap.MAX_VCPUS))
+        if spec.hide != "off" and any(k.configs(resources) for k in VIRTIO_KINDS.values()):
+            raise ConfigError(
+                "virtio devices read and write guest RAM wherever the driver puts buffers:"
+                " they cannot be used with --hide-guest-memory"
+            )
         image = boot.image() if isinstance(boot, ProgramBoot) else b""
         a.platform(spec.irqchip, spec.dirty_ring_bytes)
         a.memory = GuestMemory(
@@ -309,11 +314,6 @@ def build_for_boot(
         a.console = open_console(resources.console.target, console)
         a.add_platform_devices(None)
         a.add_virtio_devices(resources)
-        if a.virtio and spec.hide != "off":
-            raise ConfigError(
-                "virtio devices read and write guest RAM anywhere the driver puts buffers:"
-                " they cannot be used with --hide-guest-memory"
-            )
         for i in range(spec.vcpus):
             a.vcpus.append(a.vm.create_vcpu(i))
         if isinstance(boot, LinuxBoot):

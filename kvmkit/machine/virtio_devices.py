@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvmkit.devices.irq import IrqLine
+from kvmkit.devices.virtio.balloon import BalloonConfig, VirtioBalloon
+from kvmkit.devices.virtio.blk import BlkConfig, VirtioBlk
 from kvmkit.devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioDevice
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, derived_mac
 from kvmkit.devices.virtio.rng import RngConfig, VirtioRng
@@ -55,6 +57,15 @@ class VirtioKind:
     config_type: type
     configs: Callable[[VmResources], list[tuple[str, Any]]]
     make: Callable[..., VirtioMmioDevice]  # (name, context, irq, config, state | None)
+
+
+def _drives(r: VmResources) -> list[tuple[str, Any]]:
+    return [(f"blk{i}", BlkConfig.from_spec(d)) for i, d in enumerate(r.drives)]
+
+
+def _make_blk(name: str, ctx: VirtioContext, irq: Any, config: BlkConfig, state: Any) -> VirtioBlk:  # noqa: ANN401
+    path = ctx.drive_paths.get(config.drive_id, config.path)
+    return VirtioBlk(name, ctx.memory, irq, config, path, state)
 
 
 def _entropy(r: VmResources) -> list[tuple[str, Any]]:
@@ -112,9 +123,14 @@ def _make_vsock(
         ) from None
 
 
+def _balloon(r: VmResources) -> list[tuple[str, Any]]:
+    return [("balloon", BalloonConfig.from_spec(r.balloon))] if r.balloon is not None else []
+
+
 KINDS: dict[str, VirtioKind] = {
     k.kind: k
     for k in (
+        VirtioKind("virtio-blk", VirtioBlk, BlkConfig, _drives, _make_blk),
         VirtioKind(
             "virtio-rng",
             VirtioRng,
@@ -124,6 +140,15 @@ KINDS: dict[str, VirtioKind] = {
         ),
         VirtioKind("virtio-net", VirtioNet, NetConfig, _nets, _make_net),
         VirtioKind("virtio-vsock", VirtioVsock, VsockConfig, _vsocks, _make_vsock),
+        VirtioKind(
+            "virtio-balloon",
+            VirtioBalloon,
+            BalloonConfig,
+            _balloon,
+            lambda name, ctx, irq, config, state: VirtioBalloon(
+                name, ctx.memory, irq, config, state
+            ),
+        ),
     )
 }
 
@@ -151,6 +176,8 @@ def add_virtio_device(
             functools.partial(device.notify, index),
             datamatch=index,
         )
+    for fd, callback in device.host_readers():
+        devices.add_reader(device.name, fd, callback)
     return base
 
 

@@ -32,8 +32,10 @@ How a device kind plugs in
    interrupt (EVENT_IDX or NO_INTERRUPT honoured) and sets InterruptStatus bit 0.
    A QueueError raised inside `device_queue` (any guest rule broken) sets
    DEVICE_NEEDS_RESET; the device ignores its queues until the driver resets it.
-   Work that arrives from the host (a tap or socket fd) registers its own reader with
-   the event loop and takes `self.lock` before touching queues.
+   Work that arrives from the host (a tap or socket fd, a timerfd) is declared by
+   overriding `host_readers() -> [(fd, callback)]`: the builder registers each with
+   the event loop once the device is placed; callbacks take `self.lock` before
+   touching queues (and check `self.active`).
 5. `device_activate()` (DRIVER_OK), `device_reset()` (Status written 0: drop what the
    driver set up) and `release()` (close host fds; called when the machine closes) are optional.
 6. State: `state_type` is a frozen dataclass decoded with kvmkit.records whose first

@@ -115,16 +115,20 @@ class VirtioMmioDevice:
         irq: IrqLine,
         features: int,
         state: VirtioState | None = None,
+        queue_sizes: tuple[int, ...] | None = None,
     ) -> None:
         """`features`: the device-specific feature bits offered (transport bits are
-        added here). `state`: the saved transport state of a restored device."""
+        added here). `state`: the saved transport state of a restored device.
+        `queue_sizes`: this instance's queues, when they depend on its configuration
+        (default: the class's `queue_sizes`)."""
         self._name = name
         self.ram = ram
         self.irq = irq
         self.device_features = features | TRANSPORT_FEATURES
         self.lock = threading.RLock()
         self.defer: Callable[[Callable[[], None]], None] = lambda f: f()
-        self.queues = [Virtqueue(f"{name} queue {i}", n) for i, n in enumerate(self.queue_sizes)]
+        sizes = self.queue_sizes if queue_sizes is None else queue_sizes
+        self.queues = [Virtqueue(f"{name} queue {i}", n) for i, n in enumerate(sizes)]
         s = state or VirtioState()
         if state is not None and len(s.queues) != len(self.queues):
             raise KvmkitError(
@@ -183,6 +187,11 @@ class VirtioMmioDevice:
 
     def device_reset(self) -> None:
         """The driver reset the device: forget everything it set up."""
+
+    def host_readers(self) -> list[tuple[int, Callable[[], None]]]:
+        """Host fds (a tap, a socket, a timerfd) whose callbacks the event loop runs
+        when readable; registered once the device is placed. Callbacks take `lock`."""
+        return []
 
     def release(self) -> None:
         """Release host resources (files, sockets); the device manager calls it at
