@@ -312,3 +312,25 @@ def test_snapshot_with_a_vsock_stream_in_flight_loses_and_repeats_nothing(
     assert result.rc == 0, result.text
     assert result.value("rfnv") == _expect(65536, seed + 1)
     assert again.received == [(65536, _expect(65536, seed + 1))]  # nothing of the old stream
+
+
+def test_kvmkit_run_with_net_and_vsock_flags(test_kernel, lab, tmp_path):
+    """What a user types: `kvmkit run --net tap=... --vsock cid=...,uds=...`; the
+    guest's one command (kvmkit.cmd) streams over vsock and the run ends with it."""
+    uds = tmp_path / "cli.sock"
+    server = EchoServer(f"{uds}_5010")
+    cmdline = f'{test_kernel.cmdline} kvmkit.cmd="vsock-send 2 5010 65536 5"'
+    argv = [
+        *(sys.executable, "-m", "kvmkit", "run", "--kernel", str(test_kernel.vmlinux)),
+        *("--initrd", str(test_kernel.initramfs), "--cmdline", cmdline, "--memory", "128M"),
+        *("--net", f"tap={lab.tap},mac=06:00:ac:10:00:09", "--vsock", f"cid=7,uds={uds}"),
+        *("--timeout", "300"),
+    ]
+    try:
+        p = subprocess.run(lab.command(argv), capture_output=True, text=True, timeout=330)
+    finally:
+        server.close()
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"fnv={_expect(65536, 5)} received=65536 rfnv={_expect(65536, 5)}" in p.stdout
+    assert server.received == [(65536, _expect(65536, 5))]
+    assert not uds.exists()  # the vsock's socket goes with the machine
