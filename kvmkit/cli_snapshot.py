@@ -32,6 +32,7 @@ examples:
   kvmkit snapshot restore /tmp/vm.snap
   kvmkit snapshot restore /tmp/vm.snap --memory-backend memfd --lazy"""
 
+CTL_TIMEOUT_S = 60.0  # a pause waits at most 10 s for the vCPUs; a hung machine is named
 CTL_EPILOG = """\
 requests:
   status   the machine's state (created, running, paused, stopped), vCPUs, memory,
@@ -153,7 +154,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    reply = call(args.socket, args.request)
+    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S)
     print(json.dumps(reply, indent=2))
     return 0
 

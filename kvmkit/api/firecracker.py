@@ -28,6 +28,7 @@ from kvmkit.api.schema import Body, SchemaError
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.machine import Machine, VmResources, build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
+from kvmkit.machine.operations import SNAPSHOT as SNAPSHOT_OPERATION
 from kvmkit.machine.pause import USER
 from kvmkit.machine.resources import (
     BalloonSpec,
@@ -609,14 +610,16 @@ def _snapshot_create(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) 
         )
     if machine.memory is not None and machine.memory.hidden:
         raise Fault("snapshot: guest memory is hidden from kvmkit, so it cannot be saved")
-    if machine.lazy is not None:
-        machine.lazy.finish()
-    machine.pause(holder=SNAPSHOT_HOLDER)
-    try:
-        machine.console.flush()
-        fc_snapshot.save_split(machine, d["snapshot_path"], d["mem_file_path"])
-    finally:
-        machine.resume(SNAPSHOT_HOLDER)
+    # one operation at a time (kvmkit/machine/operations.py): refused during a migration
+    with machine.operations.begin(SNAPSHOT_OPERATION):
+        if machine.lazy is not None:
+            machine.lazy.finish()
+        machine.pause(holder=SNAPSHOT_HOLDER)
+        try:
+            machine.console.flush()
+            fc_snapshot.save_split(machine, d["snapshot_path"], d["mem_file_path"])
+        finally:
+            machine.resume(SNAPSHOT_HOLDER)
 
 
 def _snapshot_load(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> None:
