@@ -638,17 +638,28 @@ def _snapshot_load(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) ->
         if "mem_file_path" not in d:
             raise Fault("PUT /snapshot/load needs mem_backend (or the older mem_file_path)")
         backend = {"backend_type": "File", "backend_path": d["mem_file_path"]}
-    if backend["backend_type"] != "File":
-        raise Fault(
-            "mem_backend Uffd is not supported yet: kvmkit restores from the memory file"
-            " (backend_type File)"
-        )
     snap = fc_snapshot.open_state(d["snapshot_path"])
+    options = RestoreOptions(console=vmm.resources.console.target)
+    source: fc_snapshot.SplitSource | None = None
     try:
-        source = fc_snapshot.SplitSource(snap, backend["backend_path"])
-        machine = build_from_saved(source, RestoreOptions(console=vmm.resources.console.target))
+        if backend["backend_type"] == "Uffd":
+            source = fc_snapshot.UffdSource(snap, backend["backend_path"])
+            wanted = vmm.resources.machine.memory_backend
+            if wanted == "auto" and snap.saved.description.backend == "guest_memfd":
+                wanted = "memfd"  # userfaultfd cannot register guest_memfd (EINVAL on 6.18)
+            if wanted != "auto":
+                options = replace(options, memory_backend=wanted)
+        else:
+            source = fc_snapshot.SplitSource(snap, backend["backend_path"])
+        machine = build_from_saved(source, options)
+    except BaseException:
+        if isinstance(source, fc_snapshot.UffdSource) and source.served is not None:
+            source.served.close()
+        raise
     finally:
         snap.close()
+    if isinstance(source, fc_snapshot.UffdSource) and source.served is not None:
+        machine.lazy = source.served
     machine.restored_from = d["snapshot_path"]
     if not d.get("resume_vm", False):
         machine.request_pause()  # held at the first KVM_RUN until PATCH /vm Resumed

@@ -106,3 +106,61 @@ class FcKvmkit:
 
 def mode_of(path) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+class UffdHandler:
+    """A page-fault handler as Firecracker's examples write one: it listens on a Unix
+    socket, receives the regions (JSON) and the userfaultfd, and fills each faulting
+    page from the memory file with UFFDIO_COPY."""
+
+    def __init__(self, sock_path, mem_path):
+        import threading
+
+        self.sock_path, self.mem_path = str(sock_path), str(mem_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.sock_path)
+        self.listener.listen(1)
+        self.regions = None
+        self.faults = 0
+        self.error = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import ctypes
+        import mmap
+
+        from kvmkit.memory.userfault import Userfaultfd
+
+        try:
+            self.listener.settimeout(120)
+            conn, _ = self.listener.accept()
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 1)
+            conn.close()
+            self.regions = json.loads(msg)
+            uffd = Userfaultfd.__new__(Userfaultfd)
+            uffd.fd = fds[0]
+            with open(self.mem_path, "rb") as f:
+                mem = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+            src = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+            while not self.stop.is_set():
+                for addr in uffd.wait_faults(0.2):
+                    page = addr & ~0xFFF
+                    r = next(
+                        r
+                        for r in self.regions
+                        if r["base_host_virt_addr"] <= page < r["base_host_virt_addr"] + r["size"]
+                    )
+                    offset = r["offset"] + page - r["base_host_virt_addr"]
+                    if not uffd.copy(page, src + offset, r["page_size"]):
+                        uffd.wake(page, r["page_size"])
+                    self.faults += 1
+        except Exception as e:  # the VMM went away, or a bug: the test reads it
+            if not self.stop.is_set():
+                self.error = repr(e)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()

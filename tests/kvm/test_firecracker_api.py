@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.kvm.fc_helpers import KVMKIT_RUN, FcKvmkit, mode_of
+from tests.kvm.fc_helpers import KVMKIT_RUN, FcKvmkit, UffdHandler, mode_of
 
 
 @pytest.fixture
@@ -214,14 +214,6 @@ def test_snapshot_load_is_refused_after_configuration_and_for_a_wrong_file(fc, t
         {"snapshot_path": str(tmp_path / "junk"), "mem_file_path": str(tmp_path / "junk")},
     )
     assert "not a kvmkit snapshot" in msg
-    assert "Uffd is not supported" in c.fault(
-        "PUT",
-        "/snapshot/load",
-        {
-            "snapshot_path": str(tmp_path / "junk"),
-            "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"},
-        },
-    )
     c.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
     assert "after configuring boot-specific resources" in c.fault(
         "PUT",
@@ -386,3 +378,89 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
         first.kill()
         if second is not None:
             second.kill()
+
+
+def _counter_snapshot(tmp_path):
+    """A counter guest booted over the API, paused and snapshotted; its console."""
+    vmm = FcKvmkit(tmp_path, name="source")
+    try:
+        c = vmm.client
+        c.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
+        _counter(c)
+        c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        vmm.wait_console("cpu0 n=3 ")
+        c.ok("PATCH", "/vm", {"state": "Paused"})
+        state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+        c.ok("PUT", "/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem)})
+        c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert vmm.wait() == 0
+        return state, mem, vmm.console_text()
+    finally:
+        vmm.kill()
+
+
+def test_uffd_backend_hands_memory_to_a_page_fault_handler(tmp_path):
+    state, mem, before = _counter_snapshot(tmp_path)
+    handler = UffdHandler(tmp_path / "pf-handler.sock", mem)
+    vmm = FcKvmkit(tmp_path, name="uffd")
+    try:
+        c = vmm.client
+        body = {
+            "snapshot_path": str(state),
+            "mem_backend": {
+                "backend_type": "Uffd",
+                "backend_path": str(tmp_path / "pf-handler.sock"),
+            },
+            "resume_vm": True,
+        }
+        c.ok("PUT", "/snapshot/load", body)
+        at = max(_steps(before, 0))
+        vmm.wait_console(f"cpu0 n={at + 3} ")
+        steps = _steps(before + vmm.console_text(), 0)
+        assert steps == list(range(1, len(steps) + 1))
+        assert handler.error is None and handler.faults > 0
+        region = handler.regions[0]
+        assert set(region) == {
+            "base_host_virt_addr",
+            "size",
+            "offset",
+            "page_size",
+            "page_size_kib",
+        }
+        assert sum(r["size"] for r in handler.regions) == 32 << 20
+        c.ok("PATCH", "/vm", {"state": "Paused"})
+        msg = c.fault(
+            "PUT",
+            "/snapshot/create",
+            {
+                "snapshot_path": str(tmp_path / "again.state"),
+                "mem_file_path": str(tmp_path / "again.mem"),
+            },
+        )
+        assert "served on demand by the page-fault handler" in msg
+        c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert vmm.wait() == 0
+    finally:
+        vmm.kill()
+        handler.close()
+
+
+def test_uffd_backend_without_a_handler_is_a_clear_400(tmp_path):
+    state, mem, _ = _counter_snapshot(tmp_path)
+    vmm = FcKvmkit(tmp_path, name="nohandler")
+    try:
+        msg = vmm.client.fault(
+            "PUT",
+            "/snapshot/load",
+            {
+                "snapshot_path": str(state),
+                "mem_backend": {
+                    "backend_type": "Uffd",
+                    "backend_path": str(tmp_path / "none.sock"),
+                },
+            },
+        )
+        assert "cannot reach the page-fault handler" in msg
+        assert vmm.client.ok("GET", "/")["state"] == "Not started"
+    finally:
+        vmm.kill()
