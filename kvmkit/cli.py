@@ -10,6 +10,7 @@ from typing import NoReturn
 from kvmkit import __version__, cli_check, cli_firecracker, cli_kernel, cli_migrate, cli_snapshot
 from kvmkit.api.server import ApiServer
 from kvmkit.cli_args import join_dashed_values, positive_seconds
+from kvmkit.cli_devices import add_device_arguments, apply_device_args
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop the guest after S seconds (exit status 124, like timeout(1))",
     )
+    add_device_arguments(run)
     cli_firecracker.add_arguments(run)
     add_fault_arguments(run)
     run.add_argument(
@@ -353,7 +355,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cli_firecracker.wanted(args):  # Firecracker's API or config file configures it
         spec = config_from_args(args).resources().machine
         return run_with_faults(args, lambda: cli_firecracker.cmd_run(args, spec, run_machine))
-    resources = resources_from_args(args)
+    resources = apply_device_args(args, resources_from_args(args))
     return run_with_faults(args, lambda: run_machine(build_for_boot(resources), args))
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvmkit.api.client import call
 from kvmkit.cli_args import positive_seconds
+from kvmkit.cli_devices import add_drive_path_argument, parse_drive_paths
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
@@ -103,6 +104,7 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
         "--memory-backend", choices=list(BACKEND_NAMES), help="another backend than the source's"
     )
     receive.add_argument("--console", metavar="PATH", help="as for 'kvmkit run'")
+    add_drive_path_argument(receive)
     receive.add_argument("--api-socket", metavar="PATH", help="serve the control API here")
     receive.add_argument(
         "--timeout",
@@ -242,6 +244,7 @@ def _receive(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
 
     if args.api_socket:  # refuse a busy path now, not after the source has let go
         claim_unix_path(args.api_socket, "the API socket")
+    drive_paths = parse_drive_paths(args.drive_path)
     incoming = IncomingMigration(args.listen)
     print(f"kvmkit: waiting for a migration on {incoming.address}", file=sys.stderr)
     try:
@@ -251,6 +254,7 @@ def _receive(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
                 console=args.console,
                 accept_timeout_s=args.timeout,
                 progress=progress.update,
+                drive_paths=drive_paths,
             )
         incoming.commit()
     finally:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmkit.api.client import call
+from kvmkit.cli_devices import add_drive_path_argument, parse_drive_paths
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
 from kvmkit.memory.backend import BACKEND_NAMES
@@ -84,6 +85,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
         " prefetching the rest in the background; memfd backends only",
     )
     restore.add_argument("--console", metavar="PATH", help="as for 'kvmkit run'")
+    add_drive_path_argument(restore)
     restore.add_argument("--api-socket", metavar="PATH", help="serve the control API here")
     restore.add_argument("--quiet", "-q", action="store_true", help="no summary")
 
@@ -150,6 +152,7 @@ def _restore(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
     from kvmkit.machine.resources import ConsoleSpec
 
     ConsoleSpec(args.console).validate()  # before the snapshot is read
+    drive_paths = parse_drive_paths(args.drive_path)
     with Progress("restoring") as progress:
         machine = restore_snapshot(
             args.file,
@@ -157,6 +160,7 @@ def _restore(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
             console=args.console,
             lazy=args.lazy,
             progress=bytes_progress(progress, "restoring memory"),
+            drive_paths=drive_paths,
         )
     for note in machine.restore_notes:
         print(f"kvmkit: note: {note}", file=sys.stderr)

@@ -43,6 +43,7 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 
 def errno_error(call: str) -> OSError:
@@ -193,3 +194,29 @@ def cachestat_pages(fd: int, offset: int, length: int) -> int:
     if _syscall(SYS_cachestat, fd, ctypes.byref(rng), ctypes.byref(out), 0) < 0:
         raise errno_error("cachestat")
     return int(out.nr_cache)
+
+
+TFD_CLOEXEC = 0o2000000
+TFD_NONBLOCK = 0o4000
+CLOCK_MONOTONIC = 1
+_timerfd_create = _libc.timerfd_create
+_timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
+_timerfd_create.restype = ctypes.c_int
+_timerfd_settime = _libc.timerfd_settime
+_timerfd_settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_timerfd_settime.restype = ctypes.c_int
+
+
+def timerfd(interval_s: float) -> int:
+    """A non-blocking timerfd (CLOCK_MONOTONIC) that fires every `interval_s` seconds
+    (os.timerfd_* arrive in Python 3.13)."""
+    fd = _timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)
+    if fd < 0:
+        raise errno_error("timerfd_create")
+    sec, nsec = int(interval_s), int(interval_s % 1 * 1e9)
+    spec = (ctypes.c_long * 4)(sec, nsec, sec, nsec)  # it_interval, it_value
+    if _timerfd_settime(fd, 0, ctypes.addressof(spec), None) < 0:
+        err = errno_error("timerfd_settime")
+        os.close(fd)
+        raise err
+    return fd

@@ -91,10 +91,12 @@ def restore_snapshot(
     lazy: bool = False,
     prefetch: bool = True,
     progress: ProgressFn | None = None,
+    drive_paths: dict[str, str] | None = None,
 ) -> Machine:
     """A machine that continues the snapshot at `path` when `run()`. Every section is
     verified before the machine is built or any guest code runs (with `lazy`, memory
-    chunks are verified as they load)."""
+    chunks are verified as they load). `drive_paths`: drive id -> a backing file to
+    use instead of the saved one."""
     enter_phase("restore")
     snap = SnapshotFile(path)
     if lazy and (memory_backend or snap.saved.description.backend) == "guest_memfd":
@@ -105,7 +107,9 @@ def restore_snapshot(
         )
     source = _SnapshotSource(snap, lazy, prefetch, progress)
     try:
-        machine = build_from_saved(source, RestoreOptions(memory_backend, console, console_stream))
+        machine = build_from_saved(
+            source, RestoreOptions(memory_backend, console, console_stream, drive_paths)
+        )
     except BaseException:
         if source.loader is not None:
             source.loader.close()  # closes the file too

@@ -48,6 +48,8 @@ SITES: dict[str, str] = {
     "memory.fallocate": "preallocating guest memory",
     "memory.punch": "discarding guest memory (punching a hole)",
     "device.io": "each port or MMIO access a device handles",
+    "blk.read": "each virtio-blk read of a drive's backing file (the guest sees IOERR)",
+    "blk.write": "each virtio-blk write, flush, discard of a drive's file (IOERR)",
     "migration.send": "each message sent on a migration stream",
     "migration.recv": "each message received on a migration stream",
 }

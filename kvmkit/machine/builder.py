@@ -29,15 +29,25 @@ from kvmkit.kvm import Kvm, KvmError, KvmUnsupportedError, Vcpu
 from kvmkit.machine.boot import BootPlan, load_long_mode, load_real_mode, setup_vcpu
 from kvmkit.machine.config import MachineConfig
 from kvmkit.machine.console import open_console
-from kvmkit.machine.device_manager import DeviceManager
+from kvmkit.machine.device_manager import DeviceManager, Placement
 from kvmkit.machine.event_loop import EventLoop
 from kvmkit.machine.kernel_console import KernelConsole
 from kvmkit.machine.machine import Machine, MachineParts
 from kvmkit.machine.resources import LinuxBoot, ProgramBoot, VmResources
 from kvmkit.machine.run_control import RunControl
+from kvmkit.machine.virtio_devices import (
+    KINDS as VIRTIO_KINDS,
+)
+from kvmkit.machine.virtio_devices import (
+    VirtioContext,
+    add_virtio_device,
+    check_placement,
+    cmdline_params,
+)
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
 from kvmkit.memory.layout import format_size
+from kvmkit.records import decode, encode
 from kvmkit.snapshot import cpu_state
 from kvmkit.snapshot.format import StreamFormatError
 from kvmkit.snapshot.machine_state import check_host, check_layout
@@ -79,6 +89,7 @@ class RestoreOptions:
     memory_backend: str | None = None  # another backend than the saved machine's
     console: str | None = None  # the console target, as ConsoleSpec.target
     console_stream: BinaryIO | None = None  # or a stream to write it to
+    drive_paths: dict[str, str] | None = None  # drive id -> a replacement backing file
 
 
 class _Assembly:
@@ -100,6 +111,7 @@ class _Assembly:
         self.plan: BootPlan | None = None
         self.dirty_rings: DirtyRings | None = None
         self.notes: list[str] = []
+        self.virtio: dict[str, tuple[str, object]] = {}  # device id -> (kind, config)
 
     def platform(self, irqchip: bool, dirty_ring_bytes: int) -> None:
         if dirty_ring_bytes:  # before the first vCPU
@@ -119,6 +131,45 @@ class _Assembly:
             state = None if saved is None else _saved_state(saved, p.id, p.cls)
             device = p.make(self, state)
             self.devices.add_pio(device, p.base, p.length, p.gsi)
+
+    def add_virtio_devices(self, resources: VmResources) -> None:
+        """The boot road: every virtio device the resources ask for, in kind order."""
+        assert self.devices is not None and self.memory is not None
+        context = VirtioContext(self.memory)
+        for kind in VIRTIO_KINDS.values():
+            for device_id, config in kind.configs(resources):
+                irq = self.devices.irq_line(device_id, irqfd=True)
+                device = kind.make(device_id, context, irq, config, None)
+                try:
+                    add_virtio_device(self.devices, self.events, device)
+                except BaseException:
+                    device.release()
+                    raise
+                self.virtio[device_id] = (kind.kind, config)
+
+    def add_saved_virtio_devices(
+        self, d: MachineDescription, saved: MachineState, drive_paths: dict[str, str]
+    ) -> None:
+        """The saved road: each virtio device rebuilt from its configuration and state,
+        at the MMIO base and GSI it had."""
+        assert self.devices is not None and self.memory is not None
+        context = VirtioContext(self.memory, drive_paths)
+        for record in d.devices:
+            kind = VIRTIO_KINDS.get(record.kind)
+            if kind is None:
+                continue
+            where = f"machine section: device {record.id!r}: config"
+            config: object = decode(kind.config_type, record.config, where, StreamFormatError)
+            state = _saved_state(saved, record.id, kind.cls)
+            irq = self.devices.irq_line(record.id, record.gsi, irqfd=True)
+            device = kind.make(record.id, context, irq, config, state)
+            placement = Placement(record.id, "mmio", record.base, record.length, record.gsi)
+            try:
+                add_virtio_device(self.devices, self.events, device, placement)
+            except BaseException:
+                device.release()
+                raise
+            self.virtio[record.id] = (kind.kind, config)
 
     def machine(self, description: MachineDescription, resources: VmResources | None) -> Machine:
         assert self.memory is not None and self.devices is not None and self.console is not None
@@ -235,6 +286,11 @@ def build_for_boot(
     try:
         spec, boot = resources.machine, resources.boot
         resources.validate(max_vcpus=a.kvm.check_extension(Cap.MAX_VCPUS))
+        if spec.hide != "off" and any(k.configs(resources) for k in VIRTIO_KINDS.values()):
+            raise ConfigError(
+                "virtio devices read and write guest RAM wherever the driver puts buffers:"
+                " they cannot be used with --hide-guest-memory"
+            )
         image = boot.image() if isinstance(boot, ProgramBoot) else b""
         a.platform(spec.irqchip, spec.dirty_ring_bytes)
         a.memory = GuestMemory(
@@ -248,10 +304,12 @@ def build_for_boot(
         )
         a.console = open_console(resources.console.target, console)
         a.add_platform_devices(None)
+        a.add_virtio_devices(resources)
         for i in range(spec.vcpus):
             a.vcpus.append(a.vm.create_vcpu(i))
         if isinstance(boot, LinuxBoot):
-            record = _boot_linux(a, boot, spec.vcpus, spec.irqchip)
+            root = next((i for i, d in enumerate(resources.drives) if d.root), None)
+            record = _boot_linux(a, boot, spec.vcpus, spec.irqchip, root)
         else:
             record = _boot_program(a, boot, spec.vcpus, spec.irqchip, image)
         if spec.hide != "off":
@@ -285,8 +343,11 @@ def _boot_program(
     return BootRecord(kind, boot.guest, boot.guest_arg, boot.cpu_mode)  # type: ignore[arg-type]
 
 
-def _boot_linux(a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool) -> BootRecord:
-    """Load a Linux kernel; the boot vCPU enters it, the others wait for its SIPI."""
+def _boot_linux(
+    a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool, root_drive: int | None
+) -> BootRecord:
+    """Load a Linux kernel; the boot vCPU enters it, the others wait for its SIPI.
+    `root_drive`: the index of the drive that is the root device, if any."""
     from kvmkit.arch.x86.guest_cpuid import PVM_HIDDEN  # Linux only: not at import
     from kvmkit.machine import linux_boot
 
@@ -304,6 +365,8 @@ def _boot_linux(a: _Assembly, boot: LinuxBoot, nr_vcpus: int, irqchip: bool) -> 
             f"this host's KVM answers CPUID itself, so kvmkit asked the guest on its command"
             f" line to leave {', '.join(hide)} alone ({' '.join(extra)})"
         )
+    root = None if root_drive is None else f"blk{root_drive}"
+    extra = extra + cmdline_params(list(a.devices.placements.values()), root)
     plan = linux_boot.load(a.memory, boot, nr_vcpus, tsc_khz, irqs, extra)
     for vcpu in a.vcpus:
         linux_boot.setup_vcpu(vcpu, plan, supported, nr_vcpus, a.kvm.is_pvm, irqchip, a.memory)
@@ -353,10 +416,17 @@ def _describe(
 ) -> MachineDescription:
     assert a.memory is not None and a.devices is not None
     memory = a.memory
-    devices = [
-        DevicePlacementRecord(p.id, BY_ID[p.id].kind, p.bus, p.base, p.length, p.gsi)
-        for p in a.devices.placements.values()
-    ]
+    devices = []
+    for p in a.devices.placements.values():
+        if p.id in a.virtio:
+            kind, config = a.virtio[p.id]
+            devices.append(
+                DevicePlacementRecord(p.id, kind, p.bus, p.base, p.length, p.gsi, encode(config))
+            )
+        else:
+            devices.append(
+                DevicePlacementRecord(p.id, BY_ID[p.id].kind, p.bus, p.base, p.length, p.gsi)
+            )
     return MachineDescription(
         model=MODEL_VERSION,
         memory_bytes=memory.size_bytes,
@@ -398,6 +468,7 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
             _watch_kernel(a)
         _check_devices(d)
         a.add_platform_devices(saved)
+        a.add_saved_virtio_devices(d, saved, options.drive_paths or {})
         for i in range(d.vcpus):
             a.vcpus.append(a.vm.create_vcpu(i))
         cpu_state.apply_vm(a.vm, saved.vm, "VM state")
@@ -412,8 +483,15 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
 
 
 def _check_devices(d: MachineDescription) -> None:
-    """The saved machine's devices must be this kvmkit's platform, at the same places."""
+    """The saved machine's devices must be this kvmkit's platform, at the same places,
+    and virtio devices of kinds this kvmkit knows, each in an MMIO slot with an IRQ."""
     for record in d.devices:
+        if record.kind in VIRTIO_KINDS:
+            try:
+                check_placement(record.id, record.kind, record.bus, record.length, record.gsi)
+            except ConfigError as e:
+                raise StreamFormatError(f"machine section: {e}") from None
+            continue
         p = KINDS.get(record.kind)
         if p is None:
             raise StreamFormatError(

@@ -71,6 +71,7 @@ class DeviceManager:
         self.placements: dict[str, Placement] = {}
         self._irqfds: list[IrqfdLine] = []
         self._eventfds: list[tuple[int, int, int, bool, int | None]] = []
+        self._readers: list[int] = []
 
     # -- interrupt lines --------------------------------------------------------------
     def irq_line(self, owner: str, gsi: int | None = None, irqfd: bool = False) -> IrqLine:
@@ -137,9 +138,18 @@ class DeviceManager:
         self.events.add_reader(fd, ring, owner)
         return fd
 
+    def add_reader(self, owner: str, fd: int, callback: Callable[[], None]) -> None:
+        """Run `callback` on the event loop when the device's host `fd` is readable
+        (removed at close, before the device releases its fds)."""
+        self.events.add_reader(fd, callback, owner)
+        self._readers.append(fd)
+
     # -- teardown -------------------------------------------------------------------------
     def close(self) -> None:
         """Unbind and close every ioeventfd and irqfd (the VM must still be open)."""
+        for fd in self._readers:
+            self.events.remove_reader(fd)
+        self._readers.clear()
         for fd, addr, length, pio, datamatch in self._eventfds:
             self.events.remove_reader(fd)
             with contextlib.suppress(KvmkitError):
@@ -151,3 +161,7 @@ class DeviceManager:
             with contextlib.suppress(KvmkitError):
                 line.close()
         self._irqfds.clear()
+        for device in self.devices.values():  # host fds a device holds (a disk file)
+            release = getattr(device, "release", None)
+            if release is not None:
+                release()

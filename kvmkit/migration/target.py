@@ -159,7 +159,10 @@ class IncomingMigration:
         console_stream: BinaryIO | None = None,
         accept_timeout_s: float | None = None,
         progress: ProgressFn | None = None,
+        drive_paths: dict[str, str] | None = None,
     ) -> Machine:
+        """`drive_paths`: drive id -> the backing file to use here (default: the
+        source's path, which must then exist here too)."""
         try:
             sock, address, source = self._accept(accept_timeout_s)
         finally:
@@ -170,7 +173,9 @@ class IncomingMigration:
         self.report.source, self.report.listened_on = source, str(address)
         start = time.monotonic()
         try:
-            self.machine = self._receive(memory_backend, console, console_stream, progress)
+            self.machine = self._receive(
+                RestoreOptions(memory_backend, console, console_stream, drive_paths), progress
+            )
         except (KvmkitError, OSError) as e:
             self._refuse(str(e))
             raise IncomingMigrationError(
@@ -197,9 +202,7 @@ class IncomingMigration:
 
     def _receive(
         self,
-        memory_backend: str | None,
-        console: str | None,
-        console_stream: BinaryIO | None,
+        options: RestoreOptions,
         progress: ProgressFn | None,
     ) -> Machine:
         assert self.channel is not None
@@ -212,9 +215,7 @@ class IncomingMigration:
                 raise StreamFormatError(f"the stream is a {header.get('kind')!r}, not a migration")
             description = read_machine_description(reader)
             source = _StreamSource(self, reader, header, description, progress)
-            machine = build_from_saved(
-                source, RestoreOptions(memory_backend, console, console_stream)
-            )
+            machine = build_from_saved(source, options)
         finally:
             reader.close()  # its checksum helper, whether or not the stream was read
         try:

@@ -59,6 +59,7 @@ def guest_asm(tmp_path: Path) -> Callable[..., Path]:
     """`guest_asm(source, name="guest")`: a long-mode guest assembled from Intel-syntax
     text (it may call the guest library: puts, putdec, exit, ...); the path of its flat
     binary, for `run_guest` or `vm_factory`."""
+
     def build(source: str, name: str = "guest") -> Path:
         return build_asm(source, tmp_path, name)
 

@@ -12,8 +12,11 @@ ISA IRQs are routed to the I/O APIC pin of the same number by default: that is w
 KVM's default GSI routing does (KVM_CREATE_IRQCHIP routes GSI n to I/O APIC pin n, and
 the in-kernel PIT raises GSI 0), and kvmkit keeps that routing. A VMM that routes
 GSI 0 to pin 2, as PC firmware and QEMU do, passes irq0_pin=2. IRQ 2 (the PIC cascade)
-is never listed. `extra_irqs` are the GSIs of devices such as virtio-mmio: level
-triggered, active high, on the pin of the same number.
+is never listed. `extra_irqs` are the GSIs of devices such as virtio-mmio: edge
+triggered, active high (the ISA bus default), on the pin of the same number. Edge,
+because those devices interrupt through irqfds, which pulse the line: on a level
+pin KVM's IOAPIC drops a pulse that arrives while the previous one is in service
+(remote IRR set), and the guest would wait for a used buffer it is never told of.
 """
 
 import struct
@@ -97,7 +100,7 @@ def interrupt_routes(
         if gsi in seen:
             raise ConfigError(f"device GSI {gsi} is given twice; give each device its own")
         seen.add(gsi)
-        routes[gsi] = (gsi, gsi, FLAGS_LEVEL_HIGH)
+        routes[gsi] = (gsi, gsi, FLAGS_CONFORMING)
     return [routes[pin] for pin in sorted(routes)]
 
 

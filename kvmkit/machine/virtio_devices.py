@@ -1,0 +1,144 @@
+"""The virtio device kinds a machine can have, and how both builder roads add them.
+
+A kind is one `VirtioKind`: its DevicePlacementRecord kind string, the device class
+(a `VirtioMmioDevice` subclass: state_type, state_version), its configuration record
+type, `configs(resources)` (the devices of that kind a VmResources asks for, as
+(device id, configuration record) pairs, on the boot road) and `make(context,
+config, state)` (the device, from its configuration and, on the saved road, its
+decoded state). `KINDS` lists them; adding a kind is adding an entry there.
+
+`add_virtio_device` places one device: an interrupt line (an irqfd GSI: from the
+pool on boot, the saved one on restore), a 4 KiB MMIO slot (the next one on boot,
+the saved base on restore) and one QueueNotify ioeventfd per queue (datamatch = the
+queue index), each served on the event loop. `cmdline_params` gives the guest's
+`virtio_mmio.device=4K@0xADDR:GSI` entries, in placement order.
+"""
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmkit.devices.virtio.balloon import BalloonConfig, VirtioBalloon
+from kvmkit.devices.virtio.blk import BlkConfig, VirtioBlk
+from kvmkit.devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioDevice
+from kvmkit.devices.virtio.rng import RngConfig, VirtioRng
+from kvmkit.errors import ConfigError
+from kvmkit.machine.device_manager import DeviceManager, Placement
+from kvmkit.machine.event_loop import EventLoop
+from kvmkit.machine.resources import VmResources
+from kvmkit.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class VirtioContext:
+    """What a kind's `make` may use besides its configuration and state.
+
+    `drive_paths`: drive id -> a backing file to use instead of the saved path (a
+    restore or an incoming migration on another host)."""
+
+    memory: GuestMemory
+    drive_paths: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VirtioKind:
+    kind: str
+    cls: type[VirtioMmioDevice]
+    config_type: type
+    configs: Callable[[VmResources], list[tuple[str, Any]]]
+    make: Callable[..., VirtioMmioDevice]  # (name, context, irq, config, state | None)
+
+
+def _drives(r: VmResources) -> list[tuple[str, Any]]:
+    return [(f"blk{i}", BlkConfig.from_spec(d)) for i, d in enumerate(r.drives)]
+
+
+def _make_blk(name: str, ctx: VirtioContext, irq: Any, config: BlkConfig, state: Any) -> VirtioBlk:  # noqa: ANN401
+    path = ctx.drive_paths.get(config.drive_id, config.path)
+    return VirtioBlk(name, ctx.memory, irq, config, path, state)
+
+
+def _entropy(r: VmResources) -> list[tuple[str, Any]]:
+    return [("rng", RngConfig())] if r.entropy is not None else []
+
+
+def _balloon(r: VmResources) -> list[tuple[str, Any]]:
+    return [("balloon", BalloonConfig.from_spec(r.balloon))] if r.balloon is not None else []
+
+
+KINDS: dict[str, VirtioKind] = {
+    k.kind: k
+    for k in (
+        VirtioKind("virtio-blk", VirtioBlk, BlkConfig, _drives, _make_blk),
+        VirtioKind(
+            "virtio-rng",
+            VirtioRng,
+            RngConfig,
+            _entropy,
+            lambda name, ctx, irq, config, state: VirtioRng(name, ctx.memory, irq, state),
+        ),
+        VirtioKind(
+            "virtio-balloon",
+            VirtioBalloon,
+            BalloonConfig,
+            _balloon,
+            lambda name, ctx, irq, config, state: VirtioBalloon(
+                name, ctx.memory, irq, config, state
+            ),
+        ),
+    )
+}
+
+
+def add_virtio_device(
+    devices: DeviceManager,
+    events: EventLoop,
+    device: VirtioMmioDevice,
+    placement: Placement | None = None,
+) -> int:
+    """Put `device` on the MMIO bus with its doorbells; returns its MMIO base.
+    `placement`: where a restored device was (its base and GSI are kept)."""
+    device.defer = events.call_soon
+    base = devices.add_mmio(
+        device,
+        MMIO_SIZE,
+        gsi=device.irq.gsi,
+        at=None if placement is None else placement.base,
+    )
+    for index in range(len(device.queues)):
+        devices.ioeventfd(
+            device.name,
+            base + QUEUE_NOTIFY,
+            4,
+            functools.partial(device.notify, index),
+            datamatch=index,
+        )
+    for fd, callback in device.host_readers():
+        devices.add_reader(device.name, fd, callback)
+    return base
+
+
+def check_placement(device_id: str, kind: str, bus: str, length: int, gsi: int | None) -> None:
+    """A saved virtio device must be an MMIO slot with an interrupt line."""
+    if bus != "mmio" or length != MMIO_SIZE or gsi is None:
+        raise ConfigError(
+            f"device {device_id!r} ({kind}) is saved at a {bus} range of {length:#x} bytes"
+            f" with IRQ {gsi}: a virtio-mmio device has a {MMIO_SIZE:#x}-byte MMIO slot and"
+            " an IRQ"
+        )
+
+
+def cmdline_params(placements: list[Placement], root: str | None) -> list[str]:
+    """`virtio_mmio.device=` entries for the MMIO devices in `placements`, and
+    `root=/dev/vdX` when `root` names the root drive's device id."""
+    params = [
+        f"virtio_mmio.device=4K@{p.base:#x}:{p.gsi}"
+        for p in placements
+        if p.bus == "mmio" and p.gsi is not None
+    ]
+    if root is not None:
+        blks = [p.id for p in placements if p.bus == "mmio" and p.id.startswith("blk")]
+        if root in blks:
+            params.append(f"root=/dev/vd{chr(ord('a') + blks.index(root))}")
+    return params
