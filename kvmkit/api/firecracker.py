@@ -25,6 +25,7 @@ from kvmkit.api import fc_bodies as bodies
 from kvmkit.api import fc_snapshot
 from kvmkit.api.http import BadRequest, Request, Response, fault, parse_json
 from kvmkit.api.schema import Body, SchemaError
+from kvmkit.devices.virtio.balloon import VirtioBalloon
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.machine import Machine, VmResources, build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
@@ -456,26 +457,55 @@ def _put_balloon(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> N
     vmm.configured = True
 
 
-def _balloon_runtime(vmm: FirecrackerVmm, what: str) -> None:
-    vmm.post_boot(what)
+def _balloon_device(vmm: FirecrackerVmm, what: str) -> VirtioBalloon:
+    machine = vmm.post_boot(what)
     if vmm.balloon is None:
         raise Fault(f"{what}: no balloon is configured (PUT /balloon before InstanceStart)")
-    raise Fault(
-        f"{what} is not supported: this kvmkit's machine has no virtio-balloon device to"
-        " ask (the balloon is configured, but the builder does not build it yet)"
-    )
+    for device in machine.devices.values():
+        if isinstance(device, VirtioBalloon):
+            return device
+    raise Fault(f"{what}: this machine has no virtio-balloon device")
 
 
 def _patch_balloon(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> None:
-    _balloon_runtime(vmm, "PATCH /balloon")
+    device = _balloon_device(vmm, "PATCH /balloon")
+    assert vmm.machine is not None and vmm.machine.memory is not None
+    size_mib = vmm.machine.memory.size_bytes >> 20
+    if d["amount_mib"] > size_mib:
+        raise Fault(
+            f"balloon: amount_mib {d['amount_mib']} is more than the guest's {size_mib} MiB"
+        )
+    device.set_target(d["amount_mib"])
+    assert vmm.balloon is not None
+    vmm.balloon["amount_mib"] = d["amount_mib"]
 
 
 def _get_balloon_stats(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> Any:
-    _balloon_runtime(vmm, "GET /balloon/statistics")
+    device = _balloon_device(vmm, "GET /balloon/statistics")
+    if not device.config.stats_interval_s:
+        raise Fault(
+            "balloon statistics are not enabled: PUT /balloon with stats_polling_interval_s"
+            " above 0 before InstanceStart"
+        )
+    stats = dict(device.stats)
+    return {
+        "target_pages": device.target_pages,
+        "actual_pages": device.actual_pages,
+        "target_mib": device.target_pages >> 8,
+        "actual_mib": device.actual_pages >> 8,
+        **{k: v for k, v in stats.items() if not k.startswith("tag")},
+    }
 
 
 def _patch_balloon_stats(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> None:
-    _balloon_runtime(vmm, "PATCH /balloon/statistics")
+    device = _balloon_device(vmm, "PATCH /balloon/statistics")
+    interval = d["stats_polling_interval_s"]
+    if interval != device.config.stats_interval_s:
+        raise Fault(
+            f"balloon: changing stats_polling_interval_s after boot (from"
+            f" {device.config.stats_interval_s} to {interval}) is not supported: kvmkit sets"
+            " the statistics timer when it builds the device"
+        )
 
 
 def _put_logger(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -19,13 +20,15 @@ def fc(tmp_path):
     vmm.kill()
 
 
-def _go_sdk_preboot(client, tmp_path, boot):
+def _go_sdk_preboot(client, tmp_path, boot, vcpus=2, mem_mib=64):
     """Firecracker's Go SDK order, up to InstanceStart."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * (1 << 20))
     client.ok("PUT", "/logger", {"log_path": str(tmp_path / "fc.log"), "level": "Debug"})
     client.ok("PUT", "/metrics", {"metrics_path": str(tmp_path / "fc.metrics")})
-    client.ok("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 64, "smt": False})
+    client.ok(
+        "PUT", "/machine-config", {"vcpu_count": vcpus, "mem_size_mib": mem_mib, "smt": False}
+    )
     boot(client)
     client.ok(
         "PUT",
@@ -351,10 +354,24 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
                 },
             )
 
-        _go_sdk_preboot(c, tmp_path, boot)
-        c.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+        _go_sdk_preboot(c, tmp_path, boot, vcpus=1, mem_mib=128)
+        c.ok("PUT", "/entropy", {})
+        c.ok(
+            "PUT",
+            "/balloon",
+            {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 1},
+        )
         c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         first.wait_console("kvmkit-init: ready", timeout=180)
+        c.ok("PATCH", "/balloon", {"amount_mib": 16})  # the guest gives 16 MiB back
+        deadline = time.monotonic() + 120
+        while True:
+            stats = c.ok("GET", "/balloon/statistics")
+            if stats["actual_mib"] == 16 and "free_memory" in stats:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.2)
+        assert stats["target_pages"] == 16 * 256 and stats["total_memory"] > 64 << 20
         c.ok("PATCH", "/vm", {"state": "Paused"})
         state, mem = tmp_path / "linux.state", tmp_path / "linux.mem"
         c.ok("PUT", "/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem)})
@@ -370,6 +387,12 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
         second.proc.stdin.write("echo carried-on\n")
         second.proc.stdin.flush()
         second.wait_console("carried-on\nkvmkit-init: done rc=0", timeout=120)
+        # the root drive PUT over the API is the guest's /dev/vda, root=/dev/vda added
+        second.proc.stdin.write("cat /sys/block/vda/serial\ncmdline\nblk-size /dev/vda\n")
+        second.proc.stdin.flush()
+        second.wait_console("rootfs\nkvmkit-init: done rc=0", timeout=120)
+        second.wait_console("root=/dev/vda", timeout=60)
+        second.wait_console(str(1 << 20), timeout=60)
         second.proc.stdin.write("poweroff\n")
         second.proc.stdin.flush()
         assert second.wait(120) == 0
