@@ -33,6 +33,7 @@ MAX_HEADERS = 64
 MAX_BODY_BYTES = 51200  # Firecracker's default http_api_max_payload_size
 MAX_JSON_DEPTH = 32
 MAX_CLIENTS = 32
+UNIX_PATH_MAX = 107  # sun_path, less the NUL
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 600.0
 REASONS = {
@@ -244,16 +245,25 @@ class HttpServer:
         self.app = app
         claim_unix_path(self.path, what)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound and listening under a temporary name, then renamed: a client that waits
+        # for the path to appear (as Firecracker's SDKs do) can connect at once.
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        if len(os.fsencode(temp)) > UNIX_PATH_MAX:
+            temp = self.path
         old_umask = os.umask(0o177)
         try:
-            self.sock.bind(str(self.path))
+            self.sock.bind(str(temp))
+            os.chmod(temp, 0o600)
+            self.sock.listen(16)
+            if temp != self.path:
+                os.rename(temp, self.path)
         except OSError as e:
             self.sock.close()
-            raise ConfigError(f"cannot create {what} {self.path}: {e.strerror}") from None
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise ConfigError(f"cannot create {what} {self.path}: {e.strerror or e}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(16)
         self._closed = threading.Event()
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         self._conns: set[socket.socket] = set()

@@ -332,6 +332,8 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
         (["--no-api"], "--no-api needs --config-file"),
         (["--api-sock", str(tmp_path / "s"), "--guest", "hello"], "--guest does not go with"),
         (["--config-file", str(tmp_path / "missing.json")], "does not exist"),
+        (["--api-sock", str(tmp_path / ("x" * 120))], "path too long"),
+        (["--api-sock", str(tmp_path / "no" / "s")], "directory"),
     ]:
         run = subprocess.run([*KVMKIT_RUN, *args], capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr, run.stderr
