@@ -706,11 +706,11 @@ def _get_check(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> Any
     return gather(probes=False)
 
 
-def _put_migrate(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> None:
+def _put_migrate(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> Any:
     from kvmkit.migration import migrate
 
     machine = vmm.post_boot("PUT /kvmkit/migrate")
-    migrate(
+    report = migrate(
         machine,
         d["to"],
         max_downtime_ms=float(d.get("max_downtime_ms", 20)),
@@ -718,6 +718,7 @@ def _put_migrate(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> N
         auto_converge=d.get("auto_converge", False),
         max_iterations=d.get("max_iterations", 30),
     )
+    return report.to_dict()
 
 
 def _get_openapi(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> Any:
@@ -784,7 +785,9 @@ ROUTES: dict[Route, Handler] = {
     Route("GET", "/kvmkit/check", "the host's KVM facts", kvmkit=True, response="json"): (
         _get_check
     ),
-    Route("PUT", "/kvmkit/migrate", "live-migrate to a target", B.MIGRATE, True): _put_migrate,
+    Route(
+        "PUT", "/kvmkit/migrate", "live-migrate (the report)", B.MIGRATE, True, "json"
+    ): _put_migrate,
 }
 HANDLERS = {(r.method, r.path): h for r, h in ROUTES.items()}
 ROUTE_BY_KEY = {(r.method, r.path): r for r in ROUTES}

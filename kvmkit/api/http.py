@@ -36,6 +36,7 @@ MAX_CLIENTS = 32
 UNIX_PATH_MAX = 107  # sun_path, less the NUL
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 600.0
+REPLY_GRACE_S = 5.0
 REASONS = {
     100: "Continue",
     200: "OK",
@@ -268,6 +269,8 @@ class HttpServer:
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._busy = 0  # requests being handled or answered
+        self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._accept, name="kvmkit-http", daemon=True)
 
     def start(self) -> "HttpServer":
@@ -315,18 +318,29 @@ class HttpServer:
             if request is None:
                 return
             keep_alive = _wants_keep_alive(request)
+            with self._lock:
+                self._busy += 1
             try:
-                response = self.app(request)
-            except Exception as e:  # a kvmkit bug: one line to the client, no traceback
-                response = fault(500, f"internal error: {type(e).__name__}: {e}")
-            conn.settimeout(REQUEST_TIMEOUT_S)
-            conn.sendall(_encode(response, keep_alive))
+                try:
+                    response = self.app(request)
+                except Exception as e:  # a kvmkit bug: one line to the client, no traceback
+                    response = fault(500, f"internal error: {type(e).__name__}: {e}")
+                conn.settimeout(REQUEST_TIMEOUT_S)
+                conn.sendall(_encode(response, keep_alive))
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._idle.notify_all()
             if not keep_alive:
                 return
 
     def close(self) -> None:
-        """Stop listening, close every client connection and remove the socket file."""
+        """Stop listening, close every client connection and remove the socket file. A
+        request that ended the machine (SendCtrlAltDel, a migration) is still answered:
+        wait up to REPLY_GRACE_S for the answers in flight."""
         self._closed.set()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, REPLY_GRACE_S)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

@@ -489,3 +489,28 @@ def test_uffd_backend_without_a_handler_is_a_clear_400(tmp_path):
         assert vmm.client.ok("GET", "/")["state"] == "Not started"
     finally:
         vmm.kill()
+
+
+def test_kvmkit_migrate_extension_moves_the_guest_to_a_receiving_kvmkit(tmp_path):
+    from tests.kvm.migration_helpers import Target
+
+    target = Target(tmp_path, f"unix:{tmp_path / 'in.sock'}")
+    source = FcKvmkit(tmp_path, name="source")
+    try:
+        c = source.client
+        c.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
+        _counter(c)
+        c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        source.wait_console("cpu0 n=3 ")
+        report = c.ok("PUT", "/kvmkit/migrate", {"to": f"unix:{tmp_path / 'in.sock'}"})
+        assert report["target"].startswith("unix:") and report["iterations"] >= 1, report
+        assert source.wait() == 0
+        deadline = time.monotonic() + 60
+        while len(_steps(target.console.read_text(), 0)) < 3:
+            assert time.monotonic() < deadline and target.p.poll() is None, target.output
+            time.sleep(0.05)
+        steps = _steps(source.console_text() + target.console.read_text(), 0)
+        assert steps == list(range(1, len(steps) + 1))
+    finally:
+        source.kill()
+        target.kill()
