@@ -29,7 +29,7 @@ from kvmkit.unix_socket import claim_unix_path
 
 MAX_LINE_BYTES = 8192
 MAX_HEADER_BYTES = 16384
-MAX_HEADERS = 64
+MAX_HEADERS = 64  # each read is bounded by what the current part may still take
 MAX_BODY_BYTES = 51200  # Firecracker's default http_api_max_payload_size
 MAX_JSON_DEPTH = 32
 MAX_CLIENTS = 32
@@ -130,14 +130,14 @@ class _Reader:
         self.buffer = bytearray()
         self.deadline: float | None = None  # monotonic time the request must be in by
 
-    def _fill(self) -> None:
+    def _fill(self, at_most: int = 4096) -> None:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise ClientGone()
             self.conn.settimeout(left)
         try:
-            chunk = self.conn.recv(65536)
+            chunk = self.conn.recv(max(1, at_most))
         except OSError:  # a timeout too
             raise ClientGone() from None
         if not chunk:
@@ -145,9 +145,10 @@ class _Reader:
         self.buffer += chunk
 
     def fill(self) -> None:
-        self._fill()
+        self._fill(1)
 
     def line(self, limit: int, what: str) -> bytes:
+        """The next line (without CR LF); never reads past `limit` + 1 bytes of it."""
         while True:
             end = self.buffer.find(b"\n", 0, limit + 1)
             if end >= 0:
@@ -156,11 +157,12 @@ class _Reader:
                 return line.rstrip(b"\r")
             if len(self.buffer) > limit:
                 raise BadRequest(431 if what == "header" else 400, f"the {what} is too long")
-            self._fill()
+            self._fill(limit + 1 - len(self.buffer))
 
     def exactly(self, n: int) -> bytes:
+        """The next `n` bytes; reads no more than that."""
         while len(self.buffer) < n:
-            self._fill()
+            self._fill(n - len(self.buffer))
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
         return data

@@ -514,3 +514,53 @@ def test_kvmkit_migrate_extension_moves_the_guest_to_a_receiving_kvmkit(tmp_path
     finally:
         source.kill()
         target.kill()
+
+
+def test_get_vm_config_is_a_config_file_that_boots_the_same_machine(fc, tmp_path):
+    c = fc.client
+    c.ok("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 48})
+    c.ok("PUT", "/kvmkit/boot-program", {"guest": "memtest"})
+    c.ok("PUT", "/entropy", {})
+    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "round.log"), "level": "Info"})
+    config = c.ok("GET", "/vm/config")
+    path = tmp_path / "round.json"
+    path.write_text(json.dumps(config))
+    run = subprocess.run(
+        [*KVMKIT_RUN, "--config-file", str(path), "--no-api"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "48 MiB" in run.stderr and "vCPUs        2" in run.stderr
+
+
+def test_kvmkit_machine_config_extensions(fc):
+    c = fc.client
+    c.ok(
+        "PUT",
+        "/machine-config",
+        {"vcpu_count": 1, "mem_size_mib": 32, "kvmkit_memory_backend": "memfd"},
+    )
+    assert c.ok("GET", "/machine-config")["kvmkit_memory_backend"] == "memfd"
+    c.ok("PATCH", "/machine-config", {"huge_pages": "Transparent"})
+    assert c.ok("GET", "/machine-config")["kvmkit_memory_backend"] == "thp"
+    msg = c.fault(
+        "PATCH", "/machine-config", {"huge_pages": "2M", "kvmkit_memory_backend": "memfd"}
+    )
+    assert "huge_pages 2M means kvmkit_memory_backend hugetlb, not memfd" in msg
+    msg = c.fault("PATCH", "/machine-config", {"kvmkit_hide_guest_memory": "unmap"})
+    assert "needs the guest_memfd backend" in msg
+    c.ok("PATCH", "/machine-config", {"huge_pages": "None", "kvmkit_memory_backend": "guest_memfd"})
+    c.ok("PATCH", "/machine-config", {"kvmkit_hide_guest_memory": "unmap"})
+    facts = c.ok("GET", "/kvmkit/check")
+    assert facts  # the host check's facts, as `kvmkit check` has them
+    _counter(c)
+    status, body = c.call("PUT", "/actions", {"action_type": "InstanceStart"})
+    if status == 400:  # a host whose KVM needs the host mapping (PVM) refuses, and says why
+        assert "without a host mapping" in body["fault_message"]
+        assert c.ok("GET", "/")["state"] == "Not started"
+    else:
+        assert status == 204 and c.ok("GET", "/")["state"] == "Running"
+        c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert fc.wait() == 0
