@@ -67,6 +67,7 @@ class Route:
     body: Body | None = None
     kvmkit: bool = False  # a kvmkit extension
     response: str = "empty"  # empty (204) or json (200)
+    returns: Body | None = None  # the 200 answer's schema, where it has a fixed shape
 
 
 Handler = Callable[["FirecrackerVmm", dict[str, str], dict[str, Any]], Any]
@@ -734,12 +735,16 @@ def _get_openapi(vmm: FirecrackerVmm, p: dict[str, str], d: dict[str, Any]) -> A
 # -- the route table -------------------------------------------------------------------
 B = bodies
 ROUTES: dict[Route, Handler] = {
-    Route("GET", "/", "the instance: id, state, version", response="json"): _get_root,
-    Route("GET", "/version", "the API version", response="json"): _get_version,
+    Route("GET", "/", "the instance: id, state, version", None, False, "json", B.INSTANCE_INFO): (
+        _get_root
+    ),
+    Route("GET", "/version", "the API version", None, False, "json", B.VERSION): _get_version,
     Route("PUT", "/actions", "InstanceStart, SendCtrlAltDel, FlushMetrics", B.ACTIONS): (
         _put_actions
     ),
-    Route("GET", "/machine-config", "vCPUs and memory", response="json"): _get_machine_config,
+    Route(
+        "GET", "/machine-config", "vCPUs and memory", None, False, "json", B.MACHINE_CONFIG_INFO
+    ): (_get_machine_config),
     Route("PUT", "/machine-config", "set vCPUs and memory (pre-boot)", B.MACHINE_CONFIG): (
         _put_machine_config
     ),
@@ -753,14 +758,16 @@ ROUTES: dict[Route, Handler] = {
     Route("PATCH", "/network-interfaces/{id}", "change an interface", B.NET_PATCH): _patch_net,
     Route("PUT", "/vsock", "a virtio-vsock (pre-boot)", B.VSOCK): _put_vsock,
     Route("PUT", "/entropy", "a virtio-rng (pre-boot)", B.ENTROPY): _put_entropy,
-    Route("GET", "/balloon", "the balloon's configuration", response="json"): _get_balloon,
+    Route("GET", "/balloon", "the balloon's configuration", None, False, "json", B.BALLOON): (
+        _get_balloon
+    ),
     Route("PUT", "/balloon", "a virtio-balloon (pre-boot)", B.BALLOON): _put_balloon,
     Route("PATCH", "/balloon", "a new balloon target (post-boot)", B.BALLOON_PATCH): (
         _patch_balloon
     ),
-    Route("GET", "/balloon/statistics", "balloon statistics", response="json"): (
-        _get_balloon_stats
-    ),
+    Route(
+        "GET", "/balloon/statistics", "balloon statistics", None, False, "json", B.BALLOON_STATS
+    ): (_get_balloon_stats),
     Route("PATCH", "/balloon/statistics", "the statistics interval", B.BALLOON_STATS_PATCH): (
         _patch_balloon_stats
     ),

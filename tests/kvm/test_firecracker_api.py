@@ -282,6 +282,10 @@ def test_the_openapi_document_matches_the_route_table(fc):
     assert schema["additionalProperties"] is False
     assert "kvmkit extension" in schema["properties"]["kvmkit_memory_backend"]["description"]
     assert doc["paths"]["/kvmkit/boot-program"]["put"]["x-kvmkit-extension"] is True
+    # what GETs answer has the shape the document gives
+    for route in ROUTES:
+        if route.returns is not None and route.path in ("/", "/version", "/machine-config"):
+            route.returns.check(fc.client.ok("GET", route.path))
     # every path the document names answers something other than 404 / 5xx
     for path, ops in doc["paths"].items():
         for method in ops:
@@ -374,6 +378,9 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
             assert time.monotonic() < deadline, stats
             time.sleep(0.2)
         assert stats["target_pages"] == 16 * 256 and stats["total_memory"] > 64 << 20
+        from kvmkit.api.fc_bodies import BALLOON_STATS
+
+        BALLOON_STATS.check(stats)  # the shape the OpenAPI document gives
         c.ok("PATCH", "/vm", {"state": "Paused"})
         state, mem = tmp_path / "linux.state", tmp_path / "linux.mem"
         c.ok("PUT", "/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem)})
