@@ -56,13 +56,21 @@ class FcClient:
 class FcKvmkit:
     """`kvmkit run --api-sock` (plus `args`) as a child process."""
 
-    def __init__(self, tmp_path: Path, *args, name="fc", stdin=subprocess.DEVNULL):
+    def __init__(
+        self, tmp_path: Path, *args, name="fc", stdin=subprocess.DEVNULL, tap: str | None = None
+    ):
+        """`tap`: run in a throwaway network namespace holding a tap of that name (for
+        the network interfaces a test PUTs), so tests never share or leave a tap."""
         self.sock = tmp_path / f"{name}.sock"
         self.console = tmp_path / f"{name}.console"
         self.err = tmp_path / f"{name}.err"
         self._err = open(self.err, "w")
+        command = [*KVMKIT_RUN, "--api-sock", str(self.sock), "--console", str(self.console)]
+        if tap is not None:
+            script = f'ip tuntap add {tap} mode tap && ip link set {tap} up && exec "$@"'
+            command = ["unshare", "--net", "sh", "-c", script, "sh", *command]
         self.proc = subprocess.Popen(
-            [*KVMKIT_RUN, "--api-sock", str(self.sock), "--console", str(self.console), *args],
+            [*command, *args],
             stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=self._err,

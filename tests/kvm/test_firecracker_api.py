@@ -57,7 +57,7 @@ def _steps(text, cpu):
 
 
 def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
-    first = FcKvmkit(tmp_path, name="first")
+    first = FcKvmkit(tmp_path, name="first", tap="tap0")
     second = None
     try:
         c = first.client
@@ -86,7 +86,7 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
         assert "guest rebooted (Ctrl-Alt-Del" in first.stderr
         assert "PUT /actions: done" in (tmp_path / "fc.log").read_text()
 
-        second = FcKvmkit(tmp_path, name="second")
+        second = FcKvmkit(tmp_path, name="second", tap="tap0")
         c2 = second.client
         c2.ok(
             "PUT",
@@ -344,7 +344,7 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
 
 
 def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_kernel, tmp_path):
-    first = FcKvmkit(tmp_path, name="linux")
+    first = FcKvmkit(tmp_path, name="linux", tap="tap0")
     second = None
     try:
         c = first.client
@@ -387,7 +387,7 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
         c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
         assert first.wait() == 0
 
-        second = FcKvmkit(tmp_path, name="restored", stdin=subprocess.PIPE)
+        second = FcKvmkit(tmp_path, name="restored", stdin=subprocess.PIPE, tap="tap0")
         second.client.ok(
             "PUT",
             "/snapshot/load",
