@@ -571,3 +571,13 @@ def test_kvmkit_machine_config_extensions(fc):
         assert status == 204 and c.ok("GET", "/")["state"] == "Running"
         c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
         assert fc.wait() == 0
+
+
+def test_sigterm_while_waiting_for_instance_start_ends_cleanly(fc):
+    import signal
+
+    assert fc.client.ok("GET", "/")["state"] == "Not started"
+    fc.proc.send_signal(signal.SIGTERM)
+    assert fc.wait() == 143
+    assert "terminated (SIGTERM)" in fc.stderr and "Traceback" not in fc.stderr
+    assert not fc.sock.exists()
