@@ -198,7 +198,7 @@ SNAPSHOT_LOAD = Body(
                 "object",
                 fields=(Field("iface_id", "string", True), Field("host_dev_name", "string", True)),
             ),
-            description="refused: a kvmkit snapshot has no network devices to re-point",
+            description="attach another host tap to a saved interface",
         ),
     ),
 )

@@ -22,6 +22,7 @@ from kvmkit.api.fc_state import (
 from kvmkit.devices.virtio.balloon import VirtioBalloon
 from kvmkit.machine import build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
+from kvmkit.machine.operations import SNAPSHOT
 from kvmkit.memory.layout import MIB
 
 
@@ -162,14 +163,15 @@ def snapshot_create(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None
         )
     if machine.memory is not None and machine.memory.hidden:
         raise Fault("snapshot: guest memory is hidden from kvmkit, so it cannot be saved")
-    if machine.lazy is not None:
-        machine.lazy.finish()
-    machine.pause(holder=SNAPSHOT_HOLDER)
-    try:
-        machine.console.flush()
-        fc_snapshot.save_split(machine, d["snapshot_path"], d["mem_file_path"])
-    finally:
-        machine.resume(SNAPSHOT_HOLDER)
+    with machine.operations.begin(SNAPSHOT):  # one operation at a time, whoever asks
+        if machine.lazy is not None:
+            machine.lazy.finish()
+        machine.pause(holder=SNAPSHOT_HOLDER)
+        try:
+            machine.console.flush()
+            fc_snapshot.save_split(machine, d["snapshot_path"], d["mem_file_path"])
+        finally:
+            machine.resume(SNAPSHOT_HOLDER)
 
 
 def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
@@ -180,8 +182,6 @@ def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
             "PUT /snapshot/load is not allowed after configuring boot-specific resources"
             " (machine-config, boot-source, drives, ...): start a fresh kvmkit for a restore"
         )
-    if d.get("network_overrides"):
-        raise Fault("network_overrides is not supported: kvmkit snapshots hold no network devices")
     if d.get("enable_diff_snapshots") or d.get("track_dirty_pages"):
         raise Fault("Diff snapshots are not supported: leave enable_diff_snapshots false")
     backend = d.get("mem_backend")
@@ -192,7 +192,8 @@ def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
             raise Fault("PUT /snapshot/load needs mem_backend (or the older mem_file_path)")
         backend = {"backend_type": "File", "backend_path": d["mem_file_path"]}
     snap = fc_snapshot.open_state(d["snapshot_path"])
-    options = RestoreOptions(console=vmm.resources.console.target)
+    taps = {o["iface_id"]: o["host_dev_name"] for o in d.get("network_overrides") or []}
+    options = RestoreOptions(console=vmm.resources.console.target, net_taps=taps or None)
     source: fc_snapshot.SplitSource | None = None
     try:
         if backend["backend_type"] == "Uffd":
