@@ -581,3 +581,35 @@ def test_sigterm_while_waiting_for_instance_start_ends_cleanly(fc):
     assert fc.wait() == 143
     assert "terminated (SIGTERM)" in fc.stderr and "Traceback" not in fc.stderr
     assert not fc.sock.exists()
+
+
+def test_snapshot_load_network_overrides_attach_another_tap(tmp_path):
+    first = FcKvmkit(tmp_path, name="withnet", tap="tap0")
+    try:
+        c = first.client
+        c.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
+        _counter(c)
+        c.ok("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0"})
+        c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        first.wait_console("cpu0 n=2 ")
+        c.ok("PATCH", "/vm", {"state": "Paused"})
+        state, mem = tmp_path / "net.state", tmp_path / "net.mem"
+        c.ok("PUT", "/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem)})
+        c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert first.wait() == 0
+        at = max(_steps(first.console_text(), 0))
+    finally:
+        first.kill()
+    second = FcKvmkit(tmp_path, name="othertap", tap="tap7")
+    try:
+        c = second.client
+        load = {"snapshot_path": str(state), "mem_file_path": str(mem), "resume_vm": True}
+        assert "tap0" in c.fault("PUT", "/snapshot/load", load)  # not in this namespace
+        assert c.ok("GET", "/")["state"] == "Not started"
+        overrides = [{"iface_id": "eth0", "host_dev_name": "tap7"}]
+        c.ok("PUT", "/snapshot/load", {**load, "network_overrides": overrides})
+        second.wait_console(f"cpu0 n={at + 3} ")
+        c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert second.wait() == 0
+    finally:
+        second.kill()

@@ -100,7 +100,7 @@ def _requests(tmp):
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    vmm = FcKvmkit(tmp)
+    vmm = FcKvmkit(tmp, tap="fuzz0")  # its own network namespace: no host tap is touched
     vmm.client.ok("PUT", "/kvmkit/boot-program", {"guest": "counter", "guest_arg": 0})
     yield vmm, tmp
     vmm.kill()
