@@ -221,6 +221,14 @@ MIGRATE = Body(
     ),
     "kvmkit extension: live-migrate the running machine",
 )
+MIGRATE_RECEIVE = Body(
+    "kvmkit/migrate-receive",
+    (
+        Field("listen", "string", True, "unix:PATH or tcp:HOST:PORT to wait on"),
+        Field("timeout_s", "integer", minimum=1, description="give up after this long"),
+    ),
+    "kvmkit extension: receive a live migration instead of booting (pre-boot)",
+)
 
 # -- what GETs answer (in the OpenAPI document; tests check real answers against them) --
 INSTANCE_INFO = Body(

@@ -3,6 +3,7 @@ FlushMetrics, PATCH /vm, GET /, /version, /vm/config, the balloon at run time,
 snapshot create and load (kvmkit/api/fc_snapshot.py), and kvmkit's extensions
 (the host check, live migration, the OpenAPI document)."""
 
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,7 @@ from kvmkit.api.fc_state import (
     user_paused,
 )
 from kvmkit.devices.virtio.balloon import VirtioBalloon
+from kvmkit.errors import KvmkitError
 from kvmkit.machine import build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
 from kvmkit.machine.operations import SNAPSHOT
@@ -105,6 +107,8 @@ def put_actions(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
 def instance_start(vmm: VmmState) -> None:
     if vmm.started:
         raise Fault("InstanceStart: the microVM is already running; it starts once")
+    if vmm.receiving:
+        raise Fault("InstanceStart: this kvmkit is receiving a migration (GET /kvmkit/migration)")
     if vmm.boot_source is None:
         raise Fault(
             "InstanceStart: no boot source: PUT /boot-source with kernel_image_path first"
@@ -234,15 +238,85 @@ def put_migrate(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Any:
     from kvmkit.migration import migrate
 
     machine = vmm.post_boot("PUT /kvmkit/migrate")
-    report = migrate(
-        machine,
-        d["to"],
-        max_downtime_ms=float(d.get("max_downtime_ms", 20)),
-        bandwidth_bps=d.get("bandwidth_bps", 0),
-        auto_converge=d.get("auto_converge", False),
-        max_iterations=d.get("max_iterations", 30),
-    )
+    state: dict[str, Any] = {"role": "source", "state": "running", "to": d["to"]}
+
+    def progress(event: dict[str, Any]) -> None:
+        state["progress"] = event
+
+    vmm.migration = state
+    try:
+        report = migrate(
+            machine,
+            d["to"],
+            max_downtime_ms=float(d.get("max_downtime_ms", 20)),
+            bandwidth_bps=d.get("bandwidth_bps", 0),
+            auto_converge=d.get("auto_converge", False),
+            max_iterations=d.get("max_iterations", 30),
+            progress=progress,
+        )
+    except KvmkitError as e:
+        vmm.migration = {**state, "state": "failed", "error": str(e)}
+        raise
+    vmm.migration = {**state, "state": "done", "report": report.to_dict()}
     return report.to_dict()
+
+
+def put_migrate_receive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
+    """Listen for a live migration from another kvmkit; answered once listening. The
+    machine it brings runs here as InstanceStart's would (GET /kvmkit/migration)."""
+    from kvmkit.migration import IncomingMigration
+
+    if vmm.started or vmm.receiving:
+        raise Fault("PUT /kvmkit/migrate-receive is only allowed before the microVM starts")
+    if vmm.configured:
+        raise Fault(
+            "PUT /kvmkit/migrate-receive is not allowed after configuring boot-specific"
+            " resources: the machine comes from the source"
+        )
+    incoming = IncomingMigration(d["listen"])
+    state: dict[str, Any] = {"role": "target", "state": "waiting", "listen": incoming.address}
+    vmm.migration = state
+    vmm.receiving = True
+    spec = vmm.resources.machine
+    backend = None if spec.memory_backend == "auto" else spec.memory_backend
+
+    def progress(event: dict[str, Any]) -> None:
+        state.update(state="receiving", progress=event)
+
+    def receive() -> None:
+        try:
+            machine = incoming.receive(
+                memory_backend=backend,
+                console=vmm.resources.console.target,
+                accept_timeout_s=d.get("timeout_s"),
+                progress=progress,
+            )
+            incoming.commit()
+        except KvmkitError as e:
+            vmm.migration = {**state, "state": "failed", "error": str(e)}
+            vmm.receiving = False
+            return
+        finally:
+            incoming.close()
+        machine.migrated_from = incoming.report.source
+        incoming.confirm_when_running()
+        vmm.migration = {**state, "state": "received", "report": vars(incoming.report)}
+        vmm.fc_machine.update(
+            vcpu_count=machine.description.vcpus,
+            mem_size_mib=machine.description.memory_bytes // MIB,
+        )
+        vmm.set_machine(machine)
+
+    threading.Thread(target=receive, name="kvmkit-migrate-receive", daemon=True).start()
+
+
+def get_migration(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Any:
+    if vmm.migration is None:
+        raise Fault(
+            "no migration: PUT /kvmkit/migrate sends this machine, PUT /kvmkit/migrate-receive"
+            " (before boot) receives one"
+        )
+    return vmm.migration
 
 
 def get_openapi(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Any:

@@ -61,6 +61,8 @@ class VmmState:
         self.machine: Machine | None = None
         self.ready = threading.Event()  # set once `machine` exists
         self.requests = 0
+        self.migration: dict[str, Any] | None = None  # GET /kvmkit/migration
+        self.receiving = False  # PUT /kvmkit/migrate-receive is waiting for a source
         self._lock = threading.RLock()
 
     # -- state ---------------------------------------------------------------------------

@@ -199,6 +199,12 @@ ROUTES: dict[Route, Handler] = {
     Route(
         "PUT", "/kvmkit/migrate", "live-migrate (the report)", B.MIGRATE, True, "json"
     ): run.put_migrate,
+    Route(
+        "PUT", "/kvmkit/migrate-receive", "wait for a live migration", B.MIGRATE_RECEIVE, True
+    ): run.put_migrate_receive,
+    Route("GET", "/kvmkit/migration", "the migration's progress", None, True, "json"): (
+        run.get_migration
+    ),
 }
 HANDLERS = {(r.method, r.path): h for r, h in ROUTES.items()}
 # Requests that may take long and change nothing the others check under the lock: a

@@ -71,6 +71,7 @@ class FcKvmkit:
             command = ["unshare", "--net", "sh", "-c", script, "sh", *command]
         self.proc = subprocess.Popen(
             [*command, *args],
+            cwd=tmp_path,  # relative paths a test (or a generated request) names land here
             stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=self._err,

@@ -498,26 +498,34 @@ def test_uffd_backend_without_a_handler_is_a_clear_400(tmp_path):
         vmm.kill()
 
 
-def test_kvmkit_migrate_extension_moves_the_guest_to_a_receiving_kvmkit(tmp_path):
-    from tests.kvm.migration_helpers import Target
-
-    target = Target(tmp_path, f"unix:{tmp_path / 'in.sock'}")
+def test_kvmkit_migrate_extensions_move_the_guest_between_two_api_kvmkits(tmp_path):
+    target = FcKvmkit(tmp_path, name="target")
     source = FcKvmkit(tmp_path, name="source")
+    address = f"unix:{tmp_path / 'in.sock'}"
     try:
+        t = target.client
+        t.ok("PUT", "/kvmkit/migrate-receive", {"listen": address})
+        assert t.ok("GET", "/kvmkit/migration")["state"] == "waiting"
+        assert "receiving a migration" in t.fault(
+            "PUT", "/actions", {"action_type": "InstanceStart"}
+        )
         c = source.client
         c.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
         _counter(c)
         c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         source.wait_console("cpu0 n=3 ")
-        report = c.ok("PUT", "/kvmkit/migrate", {"to": f"unix:{tmp_path / 'in.sock'}"})
+        report = c.ok("PUT", "/kvmkit/migrate", {"to": address})
         assert report["target"].startswith("unix:") and report["iterations"] >= 1, report
         assert source.wait() == 0
-        deadline = time.monotonic() + 60
-        while len(_steps(target.console.read_text(), 0)) < 3:
-            assert time.monotonic() < deadline and target.p.poll() is None, target.output
-            time.sleep(0.05)
-        steps = _steps(source.console_text() + target.console.read_text(), 0)
+        target.wait_console(f"cpu0 n={max(_steps(source.console_text(), 0)) + 3} ")
+        steps = _steps(source.console_text() + target.console_text(), 0)
         assert steps == list(range(1, len(steps) + 1))
+        received = t.ok("GET", "/kvmkit/migration")
+        assert received["state"] == "received" and received["report"]["pages"] > 0, received
+        assert t.ok("GET", "/")["state"] == "Running"
+        t.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert target.wait() == 0
+        assert "migrated from" in target.stderr
     finally:
         source.kill()
         target.kill()
