@@ -5,7 +5,8 @@ Content-Length only. Every limit is checked while reading, so no client makes th
 server hold more than the limit: the request line (MAX_LINE_BYTES), the headers
 (MAX_HEADER_BYTES, MAX_HEADERS), the body (MAX_BODY_BYTES, Firecracker's default
 payload limit). A request must arrive within REQUEST_TIMEOUT_S of its first byte; an
-idle keep-alive connection is closed after IDLE_TIMEOUT_S. A client that hangs up,
+idle keep-alive connection is closed after IDLE_TIMEOUT_S, or when a new client
+comes while MAX_CLIENTS are connected (the one idle longest goes). A client that hangs up,
 stalls or sends garbage costs only its own thread: it never stalls another client
 or the machine, and nothing is printed for it.
 
@@ -37,6 +38,7 @@ UNIX_PATH_MAX = 107  # sun_path, less the NUL
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 600.0
 REPLY_GRACE_S = 5.0
+EVICT_WAIT_S = 2.0
 REASONS = {
     100: "Continue",
     200: "OK",
@@ -168,8 +170,11 @@ class _Reader:
         return data
 
 
-def _read_request(reader: _Reader, conn: socket.socket) -> Request | None:
-    """One request; None when the client closed between requests."""
+def _read_request(
+    reader: _Reader, conn: socket.socket, started: Callable[[], None] = lambda: None
+) -> Request | None:
+    """One request; None when the client closed between requests. `started` is called
+    when its first byte arrives (the connection is no longer idle)."""
     reader.deadline = None
     conn.settimeout(IDLE_TIMEOUT_S)
     try:
@@ -177,6 +182,7 @@ def _read_request(reader: _Reader, conn: socket.socket) -> Request | None:
             reader.fill()
     except ClientGone:
         return None
+    started()
     reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
     line = reader.line(MAX_LINE_BYTES, "request line")
     while not line:  # tolerated empty lines between requests (RFC 9112 2.2)
@@ -270,6 +276,7 @@ class HttpServer:
         self._closed = threading.Event()
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         self._conns: set[socket.socket] = set()
+        self._idle_since: dict[socket.socket, float] = {}  # connections between requests
         self._lock = threading.Lock()
         self._busy = 0  # requests being handled or answered
         self._idle = threading.Condition(self._lock)
@@ -284,8 +291,11 @@ class HttpServer:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
-                return
-            if not self._clients.acquire(blocking=False):
+                if self._closed.is_set():
+                    return
+                time.sleep(0.05)  # EMFILE and the like: the client waits in the backlog
+                continue
+            if not self._clients.acquire(blocking=False) and not self._evict_idle():
                 with contextlib.suppress(OSError):
                     conn.settimeout(1.0)
                     busy = fault(503, f"kvmkit serves at most {MAX_CLIENTS} clients at once")
@@ -298,6 +308,19 @@ class HttpServer:
                 target=self._serve, args=(conn,), name="kvmkit-http-client", daemon=True
             ).start()
 
+    def _evict_idle(self) -> bool:
+        """At the client limit: close the connection idle the longest (between requests,
+        where a client must expect its keep-alive connection to be closed) and take its
+        slot. False if every client is in the middle of a request."""
+        with self._lock:
+            if not self._idle_since:
+                return False
+            victim = min(self._idle_since, key=lambda c: self._idle_since[c])
+            del self._idle_since[victim]
+        with contextlib.suppress(OSError):
+            victim.shutdown(socket.SHUT_RDWR)
+        return self._clients.acquire(timeout=EVICT_WAIT_S)
+
     def _serve(self, conn: socket.socket) -> None:
         try:
             with conn:
@@ -307,13 +330,21 @@ class HttpServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._idle_since.pop(conn, None)
             self._clients.release()
 
     def _serve_requests(self, conn: socket.socket) -> None:
         reader = _Reader(conn)
+
+        def started() -> None:
+            with self._lock:
+                self._idle_since.pop(conn, None)
+
         while not self._closed.is_set():
+            with self._lock:
+                self._idle_since[conn] = time.monotonic()
             try:
-                request = _read_request(reader, conn)
+                request = _read_request(reader, conn, started)
             except BadRequest as e:
                 conn.sendall(_encode(fault(e.status, str(e)), False))
                 return

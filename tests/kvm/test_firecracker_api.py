@@ -2,6 +2,7 @@
 real kvmkit processes, real guests (kvmkit's guest programs through the
 /kvmkit/boot-program extension, and one Linux boot of the test kernel)."""
 
+import http.client
 import json
 import re
 import socket
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tests.kvm.fc_helpers import KVMKIT_RUN, FcKvmkit, UffdHandler, mode_of
+from tests.kvm.fc_helpers import KVMKIT_RUN, FcClient, FcKvmkit, UffdHandler, mode_of
 
 
 @pytest.fixture
@@ -621,3 +622,20 @@ def test_snapshot_load_network_overrides_attach_another_tap(tmp_path):
         assert second.wait() == 0
     finally:
         second.kill()
+
+
+def test_idle_connections_at_the_client_limit_make_room_for_a_new_client(fc):
+    from kvmkit.api.http import MAX_CLIENTS
+
+    idle = []
+    for _ in range(MAX_CLIENTS):
+        client = FcClient(fc.sock)
+        client.ok("GET", "/version")  # connected, then idle between requests
+        idle.append(client)
+    newcomer = FcClient(fc.sock)
+    assert newcomer.ok("GET", "/")["state"] == "Not started"
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        idle[0].call("GET", "/")  # the one idle longest was closed for it
+    assert idle[-1].ok("GET", "/")["state"] == "Not started"
+    for client in [*idle, newcomer]:
+        client.close()
