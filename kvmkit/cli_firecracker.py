@@ -52,6 +52,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--no-api needs --config-file: nothing else could configure the machine")
     if args.no_api and args.api_sock:
         raise ConfigError("--no-api and --api-sock contradict each other: give one of them")
+    if (
+        getattr(args, "drive", None)
+        or getattr(args, "rng", False)
+        or (getattr(args, "balloon", None) is not None)
+    ):
+        raise ConfigError(
+            "--drive, --rng and --balloon do not go with --api-sock or --config-file: devices"
+            " come from PUT /drives, /entropy, /balloon (or the config file's keys)"
+        )
     for flag in BOOT_FLAGS:
         if getattr(args, flag, None):
             name = "--" + flag.replace("_", "-")

@@ -198,7 +198,7 @@ SNAPSHOT_LOAD = Body(
                 "object",
                 fields=(Field("iface_id", "string", True), Field("host_dev_name", "string", True)),
             ),
-            description="refused: a kvmkit snapshot has no network devices to re-point",
+            description="attach another host tap to a saved interface",
         ),
     ),
 )
@@ -220,4 +220,70 @@ MIGRATE = Body(
         Field("auto_converge", "boolean"),
     ),
     "kvmkit extension: live-migrate the running machine",
+)
+MIGRATE_RECEIVE = Body(
+    "kvmkit/migrate-receive",
+    (
+        Field("listen", "string", True, "unix:PATH or tcp:HOST:PORT to wait on"),
+        Field("timeout_s", "integer", minimum=1, description="give up after this long"),
+    ),
+    "kvmkit extension: receive a live migration instead of booting (pre-boot)",
+)
+
+# -- what GETs answer (in the OpenAPI document; tests check real answers against them) --
+INSTANCE_INFO = Body(
+    "instance info",
+    (
+        Field("id", "string", True),
+        Field("state", "string", True, enum=("Not started", "Running", "Paused")),
+        Field("vmm_version", "string", True),
+        Field("app_name", "string", True),
+    ),
+)
+VERSION = Body(
+    "version",
+    (
+        Field("firecracker_version", "string", True, "the Firecracker API level served"),
+        Field("kvmkit_version", "string", True, kvmkit=True),
+    ),
+)
+MACHINE_CONFIG_INFO = Body(
+    "machine-config",
+    tuple(
+        Field(
+            f.name,
+            f.kind,
+            f.name != "cpu_template",
+            f.description,
+            f.enum,
+            f.minimum,
+            f.maximum,
+            f.nullable,
+            kvmkit=f.kvmkit,
+        )
+        for f in _machine_config(True)
+        if f.name != "cpu_template"
+    ),
+)
+BALLOON_STATS = Body(
+    "balloon statistics",
+    tuple(
+        Field(name, "integer", name.endswith(("_pages", "_mib")), minimum=0)
+        for name in (
+            "target_pages",
+            "actual_pages",
+            "target_mib",
+            "actual_mib",
+            "swap_in",
+            "swap_out",
+            "major_faults",
+            "minor_faults",
+            "free_memory",
+            "total_memory",
+            "available_memory",
+            "disk_caches",
+            "hugetlb_allocations",
+            "hugetlb_failures",
+        )
+    ),
 )

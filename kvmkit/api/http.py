@@ -5,7 +5,8 @@ Content-Length only. Every limit is checked while reading, so no client makes th
 server hold more than the limit: the request line (MAX_LINE_BYTES), the headers
 (MAX_HEADER_BYTES, MAX_HEADERS), the body (MAX_BODY_BYTES, Firecracker's default
 payload limit). A request must arrive within REQUEST_TIMEOUT_S of its first byte; an
-idle keep-alive connection is closed after IDLE_TIMEOUT_S. A client that hangs up,
+idle keep-alive connection is closed after IDLE_TIMEOUT_S, or when a new client
+comes while MAX_CLIENTS are connected (the one idle longest goes). A client that hangs up,
 stalls or sends garbage costs only its own thread: it never stalls another client
 or the machine, and nothing is printed for it.
 
@@ -29,12 +30,15 @@ from kvmkit.unix_socket import claim_unix_path
 
 MAX_LINE_BYTES = 8192
 MAX_HEADER_BYTES = 16384
-MAX_HEADERS = 64
+MAX_HEADERS = 64  # each read is bounded by what the current part may still take
 MAX_BODY_BYTES = 51200  # Firecracker's default http_api_max_payload_size
 MAX_JSON_DEPTH = 32
 MAX_CLIENTS = 32
+UNIX_PATH_MAX = 107  # sun_path, less the NUL
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 600.0
+REPLY_GRACE_S = 5.0
+EVICT_WAIT_S = 2.0
 REASONS = {
     100: "Continue",
     200: "OK",
@@ -128,14 +132,14 @@ class _Reader:
         self.buffer = bytearray()
         self.deadline: float | None = None  # monotonic time the request must be in by
 
-    def _fill(self) -> None:
+    def _fill(self, at_most: int = 4096) -> None:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise ClientGone()
             self.conn.settimeout(left)
         try:
-            chunk = self.conn.recv(65536)
+            chunk = self.conn.recv(max(1, at_most))
         except OSError:  # a timeout too
             raise ClientGone() from None
         if not chunk:
@@ -143,9 +147,10 @@ class _Reader:
         self.buffer += chunk
 
     def fill(self) -> None:
-        self._fill()
+        self._fill(1)
 
     def line(self, limit: int, what: str) -> bytes:
+        """The next line (without CR LF); never reads past `limit` + 1 bytes of it."""
         while True:
             end = self.buffer.find(b"\n", 0, limit + 1)
             if end >= 0:
@@ -154,18 +159,22 @@ class _Reader:
                 return line.rstrip(b"\r")
             if len(self.buffer) > limit:
                 raise BadRequest(431 if what == "header" else 400, f"the {what} is too long")
-            self._fill()
+            self._fill(limit + 1 - len(self.buffer))
 
     def exactly(self, n: int) -> bytes:
+        """The next `n` bytes; reads no more than that."""
         while len(self.buffer) < n:
-            self._fill()
+            self._fill(n - len(self.buffer))
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
         return data
 
 
-def _read_request(reader: _Reader, conn: socket.socket) -> Request | None:
-    """One request; None when the client closed between requests."""
+def _read_request(
+    reader: _Reader, conn: socket.socket, started: Callable[[], None] = lambda: None
+) -> Request | None:
+    """One request; None when the client closed between requests. `started` is called
+    when its first byte arrives (the connection is no longer idle)."""
     reader.deadline = None
     conn.settimeout(IDLE_TIMEOUT_S)
     try:
@@ -173,6 +182,7 @@ def _read_request(reader: _Reader, conn: socket.socket) -> Request | None:
             reader.fill()
     except ClientGone:
         return None
+    started()
     reader.deadline = time.monotonic() + REQUEST_TIMEOUT_S
     line = reader.line(MAX_LINE_BYTES, "request line")
     while not line:  # tolerated empty lines between requests (RFC 9112 2.2)
@@ -244,20 +254,32 @@ class HttpServer:
         self.app = app
         claim_unix_path(self.path, what)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound and listening under a temporary name, then renamed: a client that waits
+        # for the path to appear (as Firecracker's SDKs do) can connect at once.
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        if len(os.fsencode(temp)) > UNIX_PATH_MAX:
+            temp = self.path
         old_umask = os.umask(0o177)
         try:
-            self.sock.bind(str(self.path))
+            self.sock.bind(str(temp))
+            os.chmod(temp, 0o600)
+            self.sock.listen(16)
+            if temp != self.path:
+                os.rename(temp, self.path)
         except OSError as e:
             self.sock.close()
-            raise ConfigError(f"cannot create {what} {self.path}: {e.strerror}") from None
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise ConfigError(f"cannot create {what} {self.path}: {e.strerror or e}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(16)
         self._closed = threading.Event()
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         self._conns: set[socket.socket] = set()
+        self._idle_since: dict[socket.socket, float] = {}  # connections between requests
         self._lock = threading.Lock()
+        self._busy = 0  # requests being handled or answered
+        self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._accept, name="kvmkit-http", daemon=True)
 
     def start(self) -> "HttpServer":
@@ -269,8 +291,11 @@ class HttpServer:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
-                return
-            if not self._clients.acquire(blocking=False):
+                if self._closed.is_set():
+                    return
+                time.sleep(0.05)  # EMFILE and the like: the client waits in the backlog
+                continue
+            if not self._clients.acquire(blocking=False) and not self._evict_idle():
                 with contextlib.suppress(OSError):
                     conn.settimeout(1.0)
                     busy = fault(503, f"kvmkit serves at most {MAX_CLIENTS} clients at once")
@@ -283,6 +308,19 @@ class HttpServer:
                 target=self._serve, args=(conn,), name="kvmkit-http-client", daemon=True
             ).start()
 
+    def _evict_idle(self) -> bool:
+        """At the client limit: close the connection idle the longest (between requests,
+        where a client must expect its keep-alive connection to be closed) and take its
+        slot. False if every client is in the middle of a request."""
+        with self._lock:
+            if not self._idle_since:
+                return False
+            victim = min(self._idle_since, key=lambda c: self._idle_since[c])
+            del self._idle_since[victim]
+        with contextlib.suppress(OSError):
+            victim.shutdown(socket.SHUT_RDWR)
+        return self._clients.acquire(timeout=EVICT_WAIT_S)
+
     def _serve(self, conn: socket.socket) -> None:
         try:
             with conn:
@@ -292,31 +330,50 @@ class HttpServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._idle_since.pop(conn, None)
             self._clients.release()
 
     def _serve_requests(self, conn: socket.socket) -> None:
         reader = _Reader(conn)
+
+        def started() -> None:
+            with self._lock:
+                self._idle_since.pop(conn, None)
+
         while not self._closed.is_set():
+            with self._lock:
+                self._idle_since[conn] = time.monotonic()
             try:
-                request = _read_request(reader, conn)
+                request = _read_request(reader, conn, started)
             except BadRequest as e:
                 conn.sendall(_encode(fault(e.status, str(e)), False))
                 return
             if request is None:
                 return
             keep_alive = _wants_keep_alive(request)
+            with self._lock:
+                self._busy += 1
             try:
-                response = self.app(request)
-            except Exception as e:  # a kvmkit bug: one line to the client, no traceback
-                response = fault(500, f"internal error: {type(e).__name__}: {e}")
-            conn.settimeout(REQUEST_TIMEOUT_S)
-            conn.sendall(_encode(response, keep_alive))
+                try:
+                    response = self.app(request)
+                except Exception as e:  # a kvmkit bug: one line to the client, no traceback
+                    response = fault(500, f"internal error: {type(e).__name__}: {e}")
+                conn.settimeout(REQUEST_TIMEOUT_S)
+                conn.sendall(_encode(response, keep_alive))
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._idle.notify_all()
             if not keep_alive:
                 return
 
     def close(self) -> None:
-        """Stop listening, close every client connection and remove the socket file."""
+        """Stop listening, close every client connection and remove the socket file. A
+        request that ended the machine (SendCtrlAltDel, a migration) is still answered:
+        wait up to REPLY_GRACE_S for the answers in flight."""
         self._closed.set()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, REPLY_GRACE_S)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

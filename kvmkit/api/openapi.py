@@ -29,9 +29,10 @@ def _operation(route: Route) -> dict[str, Any]:
         "responses": {"400": FAULT},
     }
     if route.response == "json":
+        schema = route.returns.to_openapi() if route.returns else {"type": "object"}
         op["responses"]["200"] = {
             "description": "the resource",
-            "content": {"application/json": {"schema": {"type": "object"}}},
+            "content": {"application/json": {"schema": schema}},
         }
     else:
         op["responses"]["204"] = {"description": "done"}

@@ -130,6 +130,13 @@ INTERNAL: dict[str, GuestProgram] = {
         LONG_LOAD,
         "writes a word, has the host discard its page, checks it reads zero",
     ),
+    "virtio_hostile": GuestProgram(
+        "virtio_hostile",
+        SRC_DIR / "virtio_hostile.S",
+        "long",
+        LONG_LOAD,
+        "a hostile virtio-mmio driver; --guest-arg picks the flaw (test_virtio_hostile.py)",
+    ),
 }
 
 

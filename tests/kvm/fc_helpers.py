@@ -56,13 +56,22 @@ class FcClient:
 class FcKvmkit:
     """`kvmkit run --api-sock` (plus `args`) as a child process."""
 
-    def __init__(self, tmp_path: Path, *args, name="fc", stdin=subprocess.DEVNULL):
+    def __init__(
+        self, tmp_path: Path, *args, name="fc", stdin=subprocess.DEVNULL, tap: str | None = None
+    ):
+        """`tap`: run in a throwaway network namespace holding a tap of that name (for
+        the network interfaces a test PUTs), so tests never share or leave a tap."""
         self.sock = tmp_path / f"{name}.sock"
         self.console = tmp_path / f"{name}.console"
         self.err = tmp_path / f"{name}.err"
         self._err = open(self.err, "w")
+        command = [*KVMKIT_RUN, "--api-sock", str(self.sock), "--console", str(self.console)]
+        if tap is not None:
+            script = f'ip tuntap add {tap} mode tap && ip link set {tap} up && exec "$@"'
+            command = ["unshare", "--net", "sh", "-c", script, "sh", *command]
         self.proc = subprocess.Popen(
-            [*KVMKIT_RUN, "--api-sock", str(self.sock), "--console", str(self.console), *args],
+            [*command, *args],
+            cwd=tmp_path,  # relative paths a test (or a generated request) names land here
             stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=self._err,
@@ -106,3 +115,61 @@ class FcKvmkit:
 
 def mode_of(path) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+class UffdHandler:
+    """A page-fault handler as Firecracker's examples write one: it listens on a Unix
+    socket, receives the regions (JSON) and the userfaultfd, and fills each faulting
+    page from the memory file with UFFDIO_COPY."""
+
+    def __init__(self, sock_path, mem_path):
+        import threading
+
+        self.sock_path, self.mem_path = str(sock_path), str(mem_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.sock_path)
+        self.listener.listen(1)
+        self.regions = None
+        self.faults = 0
+        self.error = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import ctypes
+        import mmap
+
+        from kvmkit.memory.userfault import Userfaultfd
+
+        try:
+            self.listener.settimeout(120)
+            conn, _ = self.listener.accept()
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 1)
+            conn.close()
+            self.regions = json.loads(msg)
+            uffd = Userfaultfd.__new__(Userfaultfd)
+            uffd.fd = fds[0]
+            with open(self.mem_path, "rb") as f:
+                mem = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+            src = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+            while not self.stop.is_set():
+                for addr in uffd.wait_faults(0.2):
+                    page = addr & ~0xFFF
+                    r = next(
+                        r
+                        for r in self.regions
+                        if r["base_host_virt_addr"] <= page < r["base_host_virt_addr"] + r["size"]
+                    )
+                    offset = r["offset"] + page - r["base_host_virt_addr"]
+                    if not uffd.copy(page, src + offset, r["page_size"]):
+                        uffd.wake(page, r["page_size"])
+                    self.faults += 1
+        except Exception as e:  # the VMM went away, or a bug: the test reads it
+            if not self.stop.is_set():
+                self.error = repr(e)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
