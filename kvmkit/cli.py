@@ -505,6 +505,7 @@ VALUED = frozenset(
         "--bandwidth",
         "--max-downtime-ms",
         "--max-iterations",
+        "--wait",
         "--jobs",
         "-j",
     }

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kvmkit.api.client import call
+from kvmkit.api.client import CONNECT_TIMEOUT_S, call
+from kvmkit.cli_args import positive_seconds
 from kvmkit.cli_devices import add_restore_device_arguments, parse_drive_paths, parse_net_taps
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
@@ -151,10 +152,18 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
         help="status, pause, resume or stop (see below)",
     )
     ctl.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
+    ctl.add_argument(
+        "--wait",
+        type=positive_seconds,
+        default=CONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long to keep trying while the machine's control queue is full"
+        f" (default {CONNECT_TIMEOUT_S:g})",
+    )
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S)
+    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S, connect_timeout_s=args.wait)
     print(json.dumps(reply, indent=2))
     return 0
 

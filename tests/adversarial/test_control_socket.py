@@ -142,6 +142,16 @@ def test_a_full_queue_makes_clients_wait_then_say_so(tmp_path):
         assert len(queued) > 8  # not the old backlog of 8
         with pytest.raises(KvmkitError, match="did not take 'status' within 0.5 s"):
             call(vm.socket, "status", connect_timeout_s=0.5)
+        ctl = subprocess.run(
+            [sys.executable, "-m", "kvmkit", "ctl", "status", "--socket", vm.socket]
+            + ["--wait", "1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ctl.returncode == 1, ctl.stderr
+        assert ctl.stderr.startswith(f"kvmkit: error: the kvmkit at {vm.socket} did not take")
+        assert "it may be overloaded or hung" in ctl.stderr and "Traceback" not in ctl.stderr
         answers: list[str] = []
         waiter = threading.Thread(
             target=lambda: answers.append(call(vm.socket, "status")["state"]), daemon=True
