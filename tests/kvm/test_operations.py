@@ -225,3 +225,21 @@ def test_a_pause_that_timed_out_never_takes_effect_later(tmp_path):
             assert run.machine.status()["paused_by"] == ["user"]
         finally:
             run.kill()
+
+
+def test_stop_during_a_migration_cancels_it_and_stops(tmp_path):
+    listen = f"tcp:127.0.0.1:{free_port()}"
+    source = Source(tmp_path, "dirtier", (8 << 32) | 20, "--memory-backend", "guest_memfd")
+    target = Target(tmp_path, listen)
+    sender = send_in_background(source, listen, "--bandwidth", "4M")
+    try:
+        wait_until(lambda: in_progress(source) == ["migration"], "the migration")
+        assert call(source.socket, "stop")["state"] == "stopped"
+        _, err = sender.communicate(timeout=60)
+        assert sender.returncode == 1 and "this VM is stopped" in err, err
+        assert source.wait() == 0 and "stopped through the control API" in source.output
+        assert target.wait() == 1 and "nothing was started here" in target.output
+    finally:
+        sender.kill()
+        source.kill()
+        target.kill()
