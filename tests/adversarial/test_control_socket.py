@@ -130,6 +130,8 @@ def test_a_full_queue_makes_clients_wait_then_say_so(tmp_path):
     queued: list[socket.socket] = []
     try:
         vm.p.send_signal(signal.SIGSTOP)
+        with pytest.raises(KvmkitError, match="did not answer 'status' within 0.5 s"):
+            call(vm.socket, "status", timeout_s=0.5)  # queued, never answered
         while True:  # fill the backlog until connecting would block
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setblocking(False)
