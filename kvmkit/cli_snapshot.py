@@ -37,8 +37,9 @@ CTL_TIMEOUT_S = 60.0  # a pause waits at most 10 s for the vCPUs; a hung machine
 CTL_EPILOG = """\
 requests:
   status   the machine's state (created, running, paused, stopped), vCPUs, memory,
-           uptime, who holds it paused (paused_by), where it was restored or
-           migrated from, and how the run ended
+           uptime, who holds it paused (paused_by), the operation in progress
+           (in_progress), where it was restored or migrated from, and how the run
+           ended
   pause    stop every vCPU at a clean point and wait for it; the machine stays
            paused until a resume (a second pause changes nothing)
   resume   let a paused machine run again
@@ -57,8 +58,9 @@ four above it takes:
   {"cmd": "migrate", "to": ADDRESS, "max_downtime_ms": N, "bandwidth_bps": N,
    "max_iterations": N, "auto_converge": BOOL}
            what 'kvmkit migrate send' sends
-each answer is {"ok": true, ...} or {"ok": false, "error": "..."}; long requests send
-{"event": {...}} lines before it, and are cancelled if the client goes away.
+each answer is {"ok": true, ...} or {"ok": false, "error": "..."} ("retry": true when
+the machine is too busy to take it: try again); long requests send {"event": {...}}
+lines before it, and are cancelled if the client goes away.
 
 examples:
   kvmkit ctl status --socket /tmp/vm.sock
