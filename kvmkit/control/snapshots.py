@@ -7,6 +7,7 @@ only if it is a kvmkit snapshot: anything else at the path is never overwritten.
 """
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -91,8 +92,16 @@ def check_replaceable(path: str | os.PathLike[str], replace: bool) -> None:
     if not os.path.lexists(path) or os.path.isdir(path):
         return  # a directory is refused by the writer, naming it
     try:
-        with open(path, "rb") as f:
-            start = f.read(len(MAGIC))
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO, a device: never opened
+            raise ConfigError(
+                f"{path} exists and is not a regular file: kvmkit never replaces it;"
+                " choose another path"
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            start = os.read(fd, len(MAGIC))
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ConfigError(
             f"{path} exists and cannot be read ({e.strerror}): choose another path"

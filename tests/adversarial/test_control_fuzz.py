@@ -143,6 +143,8 @@ EDGES = [
     {"cmd": "snapshot", "path": "{tmp}/" + "x" * 300},
     {"cmd": "snapshot", "path": "{tmp}/" + "y/" * 2100 + "z"},
     {"cmd": "snapshot", "path": "/dev/null", "force": True},
+    {"cmd": "snapshot", "path": "{tmp}/fifo", "force": True},
+    {"cmd": "snapshot", "path": "{tmp}/dangling", "force": True},
     {"cmd": "snapshot", "path": "{tmp}", "force": True},
     {"cmd": "snapshot", "path": "{tmp}/a.snap", "compress": True},
     {"cmd": "migrate", "to": "unix:\x00"},
@@ -157,6 +159,9 @@ EDGES = [
 
 def test_edge_requests_are_refused_in_one_clear_line(vm):
     machine, tmp = vm
+    if not (tmp / "fifo").exists():
+        os.mkfifo(tmp / "fifo")  # opening it for reading would block: never opened
+        (tmp / "dangling").symlink_to(tmp / "nowhere" / "x")
     for edge in EDGES:
         request = json.loads(json.dumps(edge).replace("{tmp}", str(tmp)))
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
