@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from kvmkit import cli_signals
 from kvmkit.api.firecracker import Fault, FirecrackerVmm
 from kvmkit.api.http import BadRequest, HttpServer, parse_json
 from kvmkit.errors import ConfigError
@@ -101,7 +102,8 @@ def cmd_run(
     server = None
     try:
         if args.api_sock:
-            server = HttpServer(args.api_sock, vmm.handle).start()
+            with cli_signals.deferred():  # once bound, the socket is `server`'s to remove
+                server = HttpServer(args.api_sock, vmm.handle).start()
         if args.config_file:
             try:
                 vmm.start_instance()
