@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmkit import cli_signals
-from kvmkit.api.firecracker import Fault, FirecrackerVmm
-from kvmkit.api.http import BadRequest, HttpServer, parse_json
 from kvmkit.errors import ConfigError
 from kvmkit.machine import Machine
 from kvmkit.machine.resources import MachineSpec
@@ -72,6 +70,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def load_config(path: str) -> object:
+    from kvmkit.api.http import BadRequest, parse_json  # only for a config file
+
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -95,6 +95,9 @@ def cmd_run(
     spec: MachineSpec,
     run_machine: Callable[[Machine, argparse.Namespace], int],
 ) -> int:
+    from kvmkit.api.firecracker import Fault, FirecrackerVmm  # a plain run skips them
+    from kvmkit.api.http import HttpServer
+
     _check_flags(args)
     vmm = FirecrackerVmm(spec, args.console)
     if args.config_file:
