@@ -25,18 +25,20 @@ A rule reads `WHERE:WHAT@WHEN`, e.g. `ioctl:KVM_RUN:EINTR@every=100`,
 import contextlib
 import errno as errno_mod
 import os
-import random
 import re
 import threading
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmkit.errors import ConfigError
 from kvmkit.faults.guest_events import GuestEvent, parse_event
+
+if TYPE_CHECKING:
+    import random
 
 FILE_SITES = ("snapshot.write", "snapshot.read")
 STREAM_SITES = ("migration.send", "migration.recv")
@@ -50,6 +52,10 @@ SITES: dict[str, str] = {
     "device.io": "each port or MMIO access a device handles",
     "blk.read": "each virtio-blk read of a drive's backing file (the guest sees IOERR)",
     "blk.write": "each virtio-blk write, flush, discard of a drive's file (IOERR)",
+    "tap.read": "each frame read from a virtio-net tap (EBADFD: the tap was deleted)",
+    "tap.write": "each frame written to a virtio-net tap (EIO: dropped; EBADFD: deleted)",
+    "vsock.host": "each send or receive on a vsock stream's host socket (disconnect: the"
+    " peer vanished)",
     "migration.send": "each message sent on a migration stream",
     "migration.recv": "each message received on a migration stream",
 }
@@ -88,13 +94,15 @@ class FaultRule:
     value: int = 0  # the answer of a cap: rule
     after: str = ""
     calls: int = 0
-    _rng: random.Random | None = field(default=None, repr=False, compare=False)
+    _rng: "random.Random | None" = field(default=None, repr=False, compare=False)
 
     def fires(self, call: int) -> bool:
         if self.every:
             return call % self.every == 0
         if self.probability:
             if self._rng is None:
+                import random  # only p= rules: a run without them skips it
+
                 self._rng = random.Random(self.seed)
             return self._rng.random() < self.probability
         return call >= self.nth and (self.times == 0 or call < self.nth + self.times)
@@ -205,6 +213,8 @@ def _parse_what(rule: FaultRule, what: str, text: str) -> None:
     elif what.lower() in ("short", "disconnect", "corrupt"):
         rule.action = what.lower()
         allowed = STREAM_SITES + (FILE_SITES if rule.action == "short" else ())
+        if rule.action == "disconnect":
+            allowed += ("vsock.host",)
         if site not in allowed:
             raise ConfigError(
                 f"fault rule {text!r}: {rule.action} applies to {', '.join(allowed)}, not {site}"
@@ -280,6 +290,8 @@ def load_plan(rules: list[str], toml_path: str | None = None) -> FaultPlan:
     `rule = "WHERE:WHAT@WHEN"`."""
     texts = list(rules)
     if toml_path:
+        import tomllib  # only plans from a file
+
         path = Path(toml_path)
         try:
             if path.stat().st_size > MAX_PLAN_BYTES:

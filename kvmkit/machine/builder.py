@@ -48,9 +48,7 @@ from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
 from kvmkit.memory.layout import format_size
 from kvmkit.records import decode, encode
-from kvmkit.snapshot import cpu_state
 from kvmkit.snapshot.format import StreamFormatError
-from kvmkit.snapshot.machine_state import check_host, check_layout
 from kvmkit.snapshot.model import (
     MODEL_VERSION,
     BootRecord,
@@ -90,6 +88,8 @@ class RestoreOptions:
     console: str | None = None  # the console target, as ConsoleSpec.target
     console_stream: BinaryIO | None = None  # or a stream to write it to
     drive_paths: dict[str, str] | None = None  # drive id -> a replacement backing file
+    net_taps: dict[str, str] | None = None  # interface id -> another tap to attach
+    vsock_uds: str | None = None  # another path for the vsock's unix socket
 
 
 class _Assembly:
@@ -135,7 +135,7 @@ class _Assembly:
     def add_virtio_devices(self, resources: VmResources) -> None:
         """The boot road: every virtio device the resources ask for, in kind order."""
         assert self.devices is not None and self.memory is not None
-        context = VirtioContext(self.memory)
+        context = VirtioContext(self.memory, events=self.events)
         for kind in VIRTIO_KINDS.values():
             for device_id, config in kind.configs(resources):
                 irq = self.devices.irq_line(device_id, irqfd=True)
@@ -145,15 +145,22 @@ class _Assembly:
                 except BaseException:
                     device.release()
                     raise
-                self.virtio[device_id] = (kind.kind, config)
+                self.virtio[device_id] = (kind.kind, getattr(device, "config", config))
 
     def add_saved_virtio_devices(
-        self, d: MachineDescription, saved: MachineState, drive_paths: dict[str, str]
+        self,
+        d: MachineDescription,
+        saved: MachineState,
+        drive_paths: dict[str, str],
+        options: RestoreOptions | None = None,
     ) -> None:
         """The saved road: each virtio device rebuilt from its configuration and state,
         at the MMIO base and GSI it had."""
         assert self.devices is not None and self.memory is not None
-        context = VirtioContext(self.memory, drive_paths)
+        o = options or RestoreOptions()
+        context = VirtioContext(
+            self.memory, drive_paths, self.events, o.net_taps or {}, o.vsock_uds
+        )
         for record in d.devices:
             kind = VIRTIO_KINDS.get(record.kind)
             if kind is None:
@@ -169,7 +176,7 @@ class _Assembly:
             except BaseException:
                 device.release()
                 raise
-            self.virtio[record.id] = (kind.kind, config)
+            self.virtio[record.id] = (kind.kind, getattr(device, "config", config))
 
     def machine(self, description: MachineDescription, resources: VmResources | None) -> Machine:
         assert self.memory is not None and self.devices is not None and self.console is not None
@@ -449,6 +456,9 @@ def _describe(
 def build_from_saved(source: SavedSource, options: RestoreOptions | None = None) -> Machine:
     """A machine that continues `source`'s saved state when `run()`. The source fills
     guest memory and yields the rest of the state once the memory exists."""
+    from kvmkit.snapshot import cpu_state  # the restore road only: a boot skips them
+    from kvmkit.snapshot.machine_state import check_host, check_layout
+
     options = options or RestoreOptions()
     d = source.description
     backend = options.memory_backend or d.backend
@@ -468,7 +478,7 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
             _watch_kernel(a)
         _check_devices(d)
         a.add_platform_devices(saved)
-        a.add_saved_virtio_devices(d, saved, options.drive_paths or {})
+        a.add_saved_virtio_devices(d, saved, options.drive_paths or {}, options)
         for i in range(d.vcpus):
             a.vcpus.append(a.vm.create_vcpu(i))
         cpu_state.apply_vm(a.vm, saved.vm, "VM state")

@@ -9,12 +9,14 @@ A callback that raises stops the machine through `on_error`, never the loop sile
 """
 
 import contextlib
+import functools
 import os
 import selectors
 import threading
 from collections.abc import Callable, Iterator
 
 Callback = Callable[[], None]
+IoCallback = Callable[[bool, bool], None]  # (readable, writable)
 
 
 class EventLoop:
@@ -34,8 +36,27 @@ class EventLoop:
     # -- registration (any thread) --------------------------------------------------
     def add_reader(self, fd: int, callback: Callback, owner: str) -> None:
         with self._lock:
-            self._selector.register(fd, selectors.EVENT_READ, (callback, owner))
+            self._selector.register(fd, selectors.EVENT_READ, (callback, owner, False))
         self._wake()
+
+    def watch(self, fd: int, callback: IoCallback, owner: str, *, read: bool, write: bool) -> None:
+        """Call `callback(readable, writable)` when `fd` is readable (`read`) or writable
+        (`write`); a second call changes what is watched; neither stops watching. For
+        sockets that wait for room as well as for data (vsock streams)."""
+        events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
+        with self._lock:
+            if not events:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(fd)
+            else:
+                try:
+                    self._selector.modify(fd, events, (callback, owner, True))
+                except KeyError:
+                    self._selector.register(fd, events, (callback, owner, True))
+        self._wake()
+
+    def unwatch(self, fd: int) -> None:
+        self.remove_reader(fd)
 
     def remove_reader(self, fd: int) -> None:
         with self._lock, contextlib.suppress(KeyError, ValueError):
@@ -115,7 +136,7 @@ class EventLoop:
                 ready = self._selector.select()
             except (OSError, ValueError):  # closed under us
                 return
-            for key, _ in ready:
+            for key, mask in ready:
                 if key.data is None:
                     with contextlib.suppress(OSError):
                         os.eventfd_read(self._wake_fd)
@@ -123,8 +144,13 @@ class EventLoop:
                 with self._lock:
                     if self._holds or self._closed:
                         break  # park first; the fd stays readable and is seen again
-                callback, owner = key.data
-                self._call(callback, owner)
+                callback, owner, io = key.data
+                if io:
+                    readable = bool(mask & selectors.EVENT_READ)
+                    writable = bool(mask & selectors.EVENT_WRITE)
+                    self._call(functools.partial(callback, readable, writable), owner)
+                else:
+                    self._call(callback, owner)
 
     def _call(self, callback: Callback, owner: str) -> None:
         try:

@@ -16,13 +16,16 @@ queue index), each served on the event loop. `cmdline_params` gives the guest's
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kvmkit.devices.irq import IrqLine
 from kvmkit.devices.virtio.balloon import BalloonConfig, VirtioBalloon
 from kvmkit.devices.virtio.blk import BlkConfig, VirtioBlk
 from kvmkit.devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioDevice
+from kvmkit.devices.virtio.net import NetConfig, VirtioNet, derived_mac
 from kvmkit.devices.virtio.rng import RngConfig, VirtioRng
+from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
 from kvmkit.errors import ConfigError
 from kvmkit.machine.device_manager import DeviceManager, Placement
 from kvmkit.machine.event_loop import EventLoop
@@ -35,10 +38,16 @@ class VirtioContext:
     """What a kind's `make` may use besides its configuration and state.
 
     `drive_paths`: drive id -> a backing file to use instead of the saved path (a
-    restore or an incoming migration on another host)."""
+    restore or an incoming migration on another host). `events`: the machine's event
+    loop (host fds: taps, vsock sockets). `net_taps`: interface id -> the tap to attach
+    instead of the saved one; `vsock_uds`: the vsock socket path instead of the saved
+    one (restore and migration overrides)."""
 
     memory: GuestMemory
     drive_paths: Mapping[str, str] = field(default_factory=dict)
+    events: EventLoop | None = None
+    net_taps: Mapping[str, str] = field(default_factory=dict)
+    vsock_uds: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,57 @@ def _balloon(r: VmResources) -> list[tuple[str, Any]]:
     return [("balloon", BalloonConfig.from_spec(r.balloon))] if r.balloon is not None else []
 
 
+def _nets(r: VmResources) -> list[tuple[str, Any]]:
+    return [
+        (f"net{i}", NetConfig(n.iface_id, n.tap, (n.mac or derived_mac(i)).lower()))
+        for i, n in enumerate(r.nets)
+    ]
+
+
+def _make_net(
+    name: str, ctx: VirtioContext, irq: IrqLine, config: NetConfig, state: Any
+) -> VirtioNet:
+    from kvmkit.devices.tap import Tap
+
+    assert ctx.events is not None
+    tap = ctx.net_taps.get(config.iface_id, config.tap)
+    try:
+        opened = Tap.open(tap)
+    except ConfigError as e:
+        if state is None:
+            raise ConfigError(f"network interface {config.iface_id}: {e}") from None
+        raise ConfigError(
+            f"network interface {config.iface_id}: {e} (or attach another tap with"
+            f" --net-tap {config.iface_id}=TAP)"
+        ) from None
+    config = replace(config, tap=tap)
+    try:
+        return VirtioNet(name, ctx.memory, irq, config, opened, ctx.events, state)
+    except BaseException:
+        opened.close()
+        raise
+
+
+def _vsocks(r: VmResources) -> list[tuple[str, Any]]:
+    return [("vsock", VsockConfig(r.vsock.cid, r.vsock.uds))] if r.vsock is not None else []
+
+
+def _make_vsock(
+    name: str, ctx: VirtioContext, irq: IrqLine, config: VsockConfig, state: Any
+) -> VirtioVsock:
+    assert ctx.events is not None
+    if ctx.vsock_uds is not None:
+        config = replace(config, uds=ctx.vsock_uds)
+    try:
+        return VirtioVsock(name, ctx.memory, irq, config, ctx.events, state)
+    except ConfigError as e:
+        if state is None:
+            raise
+        raise ConfigError(
+            f"{e} (or give the restored vsock another with --vsock-uds PATH)"
+        ) from None
+
+
 KINDS: dict[str, VirtioKind] = {
     k.kind: k
     for k in (
@@ -87,6 +147,8 @@ KINDS: dict[str, VirtioKind] = {
                 name, ctx.memory, irq, config, state
             ),
         ),
+        VirtioKind("virtio-net", VirtioNet, NetConfig, _nets, _make_net),
+        VirtioKind("virtio-vsock", VirtioVsock, VsockConfig, _vsocks, _make_vsock),
     )
 }
 
