@@ -229,3 +229,40 @@ def test_kvmkit_run_with_net_and_vsock_flags(test_kernel, lab, tmp_path):
     assert f"fnv={expect(65536, 5)} received=65536 rfnv={expect(65536, 5)}" in p.stdout
     assert server.received == [(65536, expect(65536, 5))]
     assert not uds.exists()  # the vsock's socket goes with the machine
+
+
+def test_kvmkit_snapshot_restore_attaches_another_tap_and_vsock_socket(net_snapshot, tmp_path):
+    """`kvmkit snapshot restore --net-tap eth0=TAP --vsock-uds PATH`, as a user runs
+    it: the restored guest's eth0 is on the new tap (its peer answers TCP there) and
+    its vsock streams reach the new socket path."""
+    path, _ = net_snapshot
+    uds = tmp_path / "new.sock"
+    server = EchoServer(f"{uds}_5021")
+    with NetLab.create() as other:
+        p = other.popen(
+            [
+                *(sys.executable, "-m", "kvmkit", "snapshot", "restore", str(path)),
+                *("--net-tap", f"eth0={other.tap}", "--vsock-uds", str(uds), "-q"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        sink = peer(other, "tcp-recv", HOST_IP, 5020)
+        try:
+            assert sink.stdout.readline().strip() == "listening"
+            p.stdin.write("tcp-send 10.77.0.1 5020 65536 6\nvsock-send 2 5021 65536 6\n")
+            p.stdin.write("poweroff\n")
+            p.stdin.flush()
+            out, _ = p.communicate(timeout=300)
+            got, _ = sink.communicate(timeout=60)
+        finally:
+            for proc in (p, sink):
+                if proc.poll() is None:
+                    proc.kill()
+            server.close()
+    assert p.returncode == 0, out[-2000:]
+    assert f"sent=65536 fnv={expect(65536, 6)}" in out
+    assert got.split() == ["received=65536", f"fnv={expect(65536, 6)}"]
+    assert f"rfnv={expect(65536, 6)}" in out
+    assert server.received == [(65536, expect(65536, 6))]
