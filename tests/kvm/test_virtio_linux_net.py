@@ -229,6 +229,8 @@ def test_kvmkit_run_with_net_and_vsock_flags(test_kernel, lab, tmp_path):
     assert f"fnv={expect(65536, 5)} received=65536 rfnv={expect(65536, 5)}" in p.stdout
     assert server.received == [(65536, expect(65536, 5))]
     assert not uds.exists()  # the vsock's socket goes with the machine
+    assert f"virtio-net eth0 on tap {lab.tap}:" in p.stderr  # the run summary
+    assert f"virtio-vsock cid 7 at {uds}: 1 streams opened" in p.stderr
 
 
 def test_kvmkit_snapshot_restore_attaches_another_tap_and_vsock_socket(net_snapshot, tmp_path):
