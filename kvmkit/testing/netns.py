@@ -67,6 +67,7 @@ class NetLab:
         _ip("netns", "add", lab.netns)
         try:
             lab.ip("tuntap", "add", lab.tap, "mode", "tap")
+            lab.quiet_ipv6()
             lab.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", lab.tap)
             lab.ip("link", "set", lab.tap, "up")
             lab.ip("link", "set", "lo", "up")
@@ -74,6 +75,15 @@ class NetLab:
             lab.close()
             raise
         return lab
+
+    def quiet_ipv6(self) -> None:
+        """No IPv6 on the tap: the host sends no neighbour discovery of its own, so the
+        only frames are the test's."""
+        subprocess.run(
+            self.command(["sysctl", "-qw", f"net.ipv6.conf.{self.tap}.disable_ipv6=1"]),
+            capture_output=True,
+            timeout=30,
+        )
 
     def ip(self, *args: str) -> None:
         _ip("-n", self.netns, *args)
