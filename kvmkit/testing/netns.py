@@ -25,6 +25,7 @@ from kvmkit.errors import KvmkitError
 CLONE_NEWNET = 0x40000000
 HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"
+HOST_MAC = "0a:00:00:00:00:01"  # every lab's tap: a guest moved between labs finds its peer
 PREFIX = 24
 _count = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -68,6 +69,7 @@ class NetLab:
         try:
             lab.ip("tuntap", "add", lab.tap, "mode", "tap")
             lab.quiet_ipv6()
+            lab.ip("link", "set", lab.tap, "address", HOST_MAC)
             lab.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", lab.tap)
             lab.ip("link", "set", lab.tap, "up")
             lab.ip("link", "set", "lo", "up")

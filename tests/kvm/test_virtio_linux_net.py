@@ -7,6 +7,7 @@ snapshot in milliseconds. The peer is a process in the namespace, at HOST_IP on 
 tap. Data is the init's pattern; both ends report FNV-1a checksums.
 """
 
+import io
 import re
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmkit.guests.linux.pattern import pattern
-from kvmkit.testing.linux import restore_guest
+from kvmkit.testing.linux import LinuxGuest, restore_guest
 from kvmkit.testing.netns import GUEST_IP, HOST_IP, NetLab
 from tests.net_helpers import (
     MAC,
@@ -268,3 +269,59 @@ def test_kvmkit_snapshot_restore_attaches_another_tap_and_vsock_socket(net_snaps
     assert got.split() == ["received=65536", f"fnv={expect(65536, 6)}"]
     assert f"rfnv={expect(65536, 6)}" in out
     assert server.received == [(65536, expect(65536, 6))]
+
+
+def test_live_migration_moves_the_interface_to_another_tap_and_the_vsock_to_another_socket(
+    net_snapshot, lab, tmp_path
+):
+    """A migration on one host: the target attaches eth0 to another tap (the source
+    holds its own until the end) and the vsock to another socket path; after the move
+    the guest's TCP reaches the peer behind the new tap and its vsock streams the new
+    path."""
+    from kvmkit.migration import IncomingMigration
+    from kvmkit.migration.source import migrate
+
+    path, _ = net_snapshot
+    uds = tmp_path / "moved.sock"
+    with lab.entered():
+        source = restore_guest(path)
+    with NetLab.create() as other:
+        address = f"unix:{tmp_path / 'in.sock'}"
+        incoming = IncomingMigration(address)
+        received: list[LinuxGuest] = []
+
+        def receive() -> None:
+            with other.entered():
+                machine = incoming.receive(
+                    console_stream=io.BytesIO(),
+                    net_taps={"eth0": other.tap},
+                    vsock_uds=str(uds),
+                )
+            incoming.commit()
+            incoming.close()
+            incoming.confirm_when_running()
+            received.append(LinuxGuest(machine))
+
+        target = threading.Thread(target=receive, daemon=True)
+        target.start()
+        try:
+            migrate(source.machine, address)
+            target.join(60)
+            assert received, "the target did not start"
+        finally:
+            source.close()
+        moved = received[0]
+        server = EchoServer(f"{uds}_5030")
+        try:
+            sink = peer(other, "tcp-recv", HOST_IP, 5031)
+            assert sink.stdout.readline().strip() == "listening"
+            sent = moved.command(f"tcp-send {HOST_IP} 5031 65536 31")
+            got, _ = sink.communicate(timeout=60)
+            streamed = moved.command("vsock-send 2 5030 65536 32")
+            assert moved.machine.devices["net0"].config.tap == other.tap
+        finally:
+            moved.close()
+            server.close()
+    assert sent.rc == 0 and got.split() == ["received=65536", f"fnv={expect(65536, 31)}"]
+    assert streamed.rc == 0, streamed.text
+    assert server.received == [(65536, expect(65536, 32))]
