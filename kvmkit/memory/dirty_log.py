@@ -119,10 +119,14 @@ class DirtyLog:
         if self.rings is not None:
             self.rings.discard()  # entries from an earlier logging period
         slots = self.memory.log_dirty(True)
+        self.memory.track_host_writes(True)  # device writes (virtio) are not in KVM's log
         self.active = True
         self.how = f"{self.method}, {slots}"
 
     def collect(self) -> list[Run]:
+        return merge_runs(self._collect_kvm(), self.memory.host_dirty_runs())
+
+    def _collect_kvm(self) -> list[Run]:
         if self.rings is not None:
             runs = self.rings.collect()
             if not self.rings.lost:
@@ -141,6 +145,7 @@ class DirtyLog:
 
     def stop(self) -> None:
         if self.active:
+            self.memory.track_host_writes(False)
             self.memory.log_dirty(False)
             self.active = False
             if self.rings is not None:

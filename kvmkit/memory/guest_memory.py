@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import threading
 from types import TracebackType
 
 from kvmkit import faults, libc
@@ -59,6 +60,8 @@ class GuestMemory:
         self.attributes = AttributeMap()
         self.numa = numa
         self.hidden = False
+        self._host_dirty: bytearray | None = None  # a byte per page the VMM wrote
+        self._host_dirty_lock = threading.Lock()
         self._bound: list[RamRegion] = []
         try:
             try:
@@ -215,6 +218,39 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+
+    # -- writes by the VMM ------------------------------------------------------
+    def track_host_writes(self, on: bool) -> None:
+        """Record the pages devices write (`mark_dirty`) from now on, or stop. KVM's
+        dirty log sees only the guest's own writes; a migration needs these too."""
+        with self._host_dirty_lock:
+            self._host_dirty = bytearray(self.size_bytes // PAGE_SIZE) if on else None
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """A device wrote guest RAM [gpa, gpa+length) (a used ring, data it read)."""
+        if self._host_dirty is None or length <= 0:
+            return
+        offset = self.offset_of(gpa, length)
+        first, end = offset // PAGE_SIZE, (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        with self._host_dirty_lock:
+            if self._host_dirty is not None:
+                self._host_dirty[first:end] = b"\1" * (end - first)
+
+    def host_dirty_runs(self) -> list[tuple[int, int]]:
+        """(file offset, length) runs devices wrote since the last call; clears them."""
+        with self._host_dirty_lock:
+            pages = self._host_dirty
+            if pages is None:
+                return []
+            self._host_dirty = bytearray(len(pages))
+        runs = []
+        i = pages.find(1)
+        while i >= 0:
+            j = pages.find(0, i)
+            j = len(pages) if j < 0 else j
+            runs.append((i * PAGE_SIZE, (j - i) * PAGE_SIZE))
+            i = pages.find(1, j)
+        return runs
 
     # -- exposure ---------------------------------------------------------------
     def hide(self, keep: list[tuple[int, int, str]] | None = None) -> None:

@@ -46,3 +46,30 @@ def test_hostile_driver(case, what, expected, error):
         assert state.errors >= 1 and error in state.last_error, state.last_error
     assert state.status == 0xF  # the valid request after the reset left it live
     assert rng.bytes_given == 16 * (2 if expected == WORKS_TWICE else 1)
+
+
+def test_a_machine_with_every_device_closes_every_fd(tmp_path):
+    from kvmkit.machine.resources import BalloonSpec, DriveSpec
+
+    from .conftest import open_fds
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    before = open_fds()
+    config = MachineConfig(guest="hello", memory_bytes=16 << 20, console="none")
+    resources = (
+        config.resources()
+        .with_drive(DriveSpec("a", str(disk)))
+        .with_drive(DriveSpec("b", str(disk), read_only=True))
+        .with_entropy(EntropySpec())
+        .with_balloon(BalloonSpec(stats_interval_s=1))
+    )
+    with build_for_boot(resources) as machine:
+        assert machine.run().status == 0
+        assert {p.id: p.gsi for p in machine.description.devices if p.bus == "mmio"} == {
+            "blk0": 5,
+            "blk1": 6,
+            "rng": 7,
+            "balloon": 9,
+        }
+    assert open_fds() == before

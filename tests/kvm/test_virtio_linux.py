@@ -164,13 +164,16 @@ def test_a_missing_backing_file_on_restore_is_one_clear_error(virtio_snapshot, d
     assert os.path.exists(disks["data"])
 
 
-def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, tmp_path):
+def migrate_during(
+    guest: LinuxGuest, command: str, disks, tmp_path: Path, bandwidth_bps: int = 0
+) -> LinuxGuest:
+    """Send `command`, migrate the guest in-process once its disk I/O is under way
+    (the target uses the same disk files), and return the guest on the target."""
     import threading
 
     from kvmkit.migration import IncomingMigration
     from kvmkit.migration.source import migrate
 
-    offset, length, seed = 4 << 20, 24 << 20, 11
     address = f"unix:{tmp_path / 'in.sock'}"
     incoming = IncomingMigration(address)
     received: list[LinuxGuest] = []
@@ -188,13 +191,18 @@ def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, 
     target.start()
     blk = guest.machine.devices["blk0"]
     start = blk.requests
-    guest.send(f"blk-write /dev/vda {offset} {length} {seed}")
-    _wait(lambda: blk.requests >= start + 4, "the guest's first writes")
-    migrate(guest.machine, address)
-    assert "written=" not in guest.console  # the write was still going on at the source
+    guest.send(command)
+    _wait(lambda: blk.requests >= start + 4, "the guest's first requests")
+    migrate(guest.machine, address, bandwidth_bps=bandwidth_bps)
+    assert "kvmkit-init: done" not in guest.console.split(command)[-1]  # still under way
     target.join(60)
     assert received, "the target did not start"
-    moved = received[0]
+    return received[0]
+
+
+def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, tmp_path):
+    offset, length, seed = 4 << 20, 24 << 20, 11
+    moved = migrate_during(guest, f"blk-write /dev/vda {offset} {length} {seed}", disks, tmp_path)
     try:
         done = moved.wait_for("written=", 120)
         expected = pattern(seed, 0, length)
@@ -235,3 +243,70 @@ def test_balloon_statistics_and_free_page_reporting(test_kernel):
         assert balloon.discard_errors == 0
     finally:
         guest.close()
+
+
+def test_live_migration_with_a_disk_read_in_flight_moves_what_the_device_wrote(
+    virtio_snapshot, disks, tmp_path
+):
+    """The device writes guest RAM (the read data, the used ring) behind KVM's dirty
+    log; the migration must resend those pages or the target reads stale bytes."""
+    length, seed = 24 << 20, 23
+    with open(disks["data"], "r+b") as f:
+        f.write(pattern(seed, 0, length))
+    source = restore(virtio_snapshot.path, disks)
+    try:
+        # 4 MB/s: pre-copy passes take seconds while the device writes the guest's buffer
+        command = f"blk-read /dev/vda 0 {length}"
+        moved = migrate_during(source, command, disks, tmp_path, bandwidth_bps=4_000_000)
+    finally:
+        source.close()
+    try:
+        done = moved.wait_for("read=", 120)
+        assert done.split("fnv=")[1] == fnv_hex(pattern(seed, 0, length))
+    finally:
+        moved.close()
+
+
+def test_a_replacement_disk_of_another_size_is_refused(virtio_snapshot, disks):
+    from kvmkit.errors import ConfigError
+
+    with open(disks["data"], "r+b") as f:
+        f.truncate(1 << 20)
+    with pytest.raises(ConfigError, match="drive data: .* holds 1048576 bytes, but the saved"):
+        restore_snapshot(
+            virtio_snapshot.path,
+            console_stream=io.BytesIO(),
+            drive_paths={k: str(v) for k, v in disks.items()},
+        )
+
+
+def test_cli_snapshot_restore_with_drive_path(virtio_snapshot, disks):
+    """What a user types: `kvmkit snapshot restore SNAP --drive-path ID=PATH`; the
+    guest's writes land in the named file."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvmkit",
+            "snapshot",
+            "restore",
+            str(virtio_snapshot.path),
+            "--drive-path",
+            f"data={disks['data']}",
+            "--drive-path",
+            f"base={disks['base']}",
+        ],  # fmt: skip
+        input=b"blk-write /dev/vda 1048576 65536 3\npoweroff\n",
+        capture_output=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr.decode()
+    assert b"written=65536" in p.stdout
+    with open(disks["data"], "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(65536) == pattern(3, 0, 65536)
+    assert virtio_snapshot.data.read_bytes()[1 << 20 : (1 << 20) + 16] == bytes(16)  # untouched
+    assert b"virtio-blk data: " + str(disks["data"]).encode() in p.stderr

@@ -34,11 +34,15 @@ HDR, DATA, STATUS = 0x10000, 0x20000, 0x30000
 class Ram:
     def __init__(self) -> None:
         self.data = bytearray(RAM)
+        self.dirtied: list[tuple[int, int]] = []
 
     def view(self, gpa: int, length: int) -> memoryview:
         if gpa < 0 or gpa + length > RAM:
             raise KvmkitError("not guest RAM")
         return memoryview(self.data)[gpa : gpa + length]
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        self.dirtied.append((gpa, length))
 
 
 class Driver:
@@ -168,3 +172,15 @@ def test_state_round_trips_through_a_new_device(disk):
     assert again.save_state() == state and again.active
     drv.dev = again
     assert drv.request(VIRTIO_BLK_T_IN, 0, in_len=512) == (VIRTIO_BLK_S_OK, b"y" * 512)
+
+
+def test_a_saved_state_with_an_impossible_queue_is_refused(disk):
+    from dataclasses import replace
+
+    from kvmkit.devices.virtio.queue import QueueState
+
+    dev, _ = blk(disk)
+    state = dev.save_state()
+    bad = replace(state, transport=replace(state.transport, queues=[QueueState(0, ready=True)]))
+    with pytest.raises(KvmkitError, match="saved queue 0 is ready with size 0"):
+        VirtioBlk("blk0", Ram(), LevelRecorder(5), BlkConfig("d", str(disk)), state=bad)

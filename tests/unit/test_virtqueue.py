@@ -24,11 +24,15 @@ SIZE = 8
 class Ram:
     def __init__(self) -> None:
         self.data = bytearray(RAM)
+        self.dirtied: list[tuple[int, int]] = []
 
     def view(self, gpa: int, length: int) -> memoryview:
         if gpa < 0 or length < 0 or gpa + length > RAM:
             raise KvmkitError(f"{gpa:#x}+{length:#x} is not guest RAM")
         return memoryview(self.data)[gpa : gpa + length]
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        self.dirtied.append((gpa, length))
 
     def desc(
         self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, table: int = DESC
@@ -65,6 +69,7 @@ def test_a_chain_is_split_into_readable_then_writable_and_returned_through_used(
     assert q.write_chain(ram, chain, b"x" * 513) == 513 and ram.data[0x30000] == ord("x")
     q.push(ram, chain.head, 513)
     assert struct.unpack_from("<HHII", ram.data, USED) == (0, 1, 0, 513)
+    assert {(0x20000, 512), (0x30000, 1), (USED + 4, 8), (USED + 2, 2)} <= set(ram.dirtied)
     assert q.pop(ram) is None
     assert q.should_interrupt(ram)
     struct.pack_into("<H", ram.data, AVAIL, VIRTQ_AVAIL_F_NO_INTERRUPT)

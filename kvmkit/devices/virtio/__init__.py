@@ -30,6 +30,10 @@ How a device kind plugs in
    chain's ranges), return them with `push(self.ram, head, written)`, then call
    `self.signal_used(index)`: it pulses the irqfd line if the driver wants an
    interrupt (EVENT_IDX or NO_INTERRUPT honoured) and sets InterruptStatus bit 0.
+   Every guest byte the device writes must be inside a chain it then `push`es (push
+   marks the chain's writable buffers and the used ring dirty for live migration,
+   whose KVM dirty log misses the VMM's own writes); anything written elsewhere
+   (e.g. an avail_event by hand) is reported with `queue.mark_dirty(ram, gpa, n)`.
    A QueueError raised inside `device_queue` (any guest rule broken) sets
    DEVICE_NEEDS_RESET; the device ignores its queues until the driver resets it.
    Work that arrives from the host (a tap or socket fd, a timerfd) is declared by
@@ -59,7 +63,14 @@ Device ids: `blk0`, `blk1`... (the user's drive id is kept in the config), `rng`
 """
 
 from kvmkit.devices.virtio.mmio import VirtioMmioDevice, VirtioState
-from kvmkit.devices.virtio.queue import Chain, GuestRam, QueueError, QueueState, Virtqueue
+from kvmkit.devices.virtio.queue import (
+    Chain,
+    GuestRam,
+    QueueError,
+    QueueState,
+    Virtqueue,
+    mark_dirty,
+)
 
 __all__ = [
     "Chain",
@@ -69,4 +80,5 @@ __all__ = [
     "VirtioMmioDevice",
     "VirtioState",
     "Virtqueue",
+    "mark_dirty",
 ]

@@ -27,14 +27,14 @@ from typing import ClassVar, Protocol
 from kvmkit import libc
 from kvmkit.devices.irq import IrqLine
 from kvmkit.devices.virtio.mmio import VirtioMmioDevice, VirtioState
-from kvmkit.devices.virtio.queue import Chain, GuestRam
+from kvmkit.devices.virtio.queue import Chain, GuestRam, QueueError
 from kvmkit.errors import KvmkitError
 from kvmkit.records import U16, U32, bounds
 
 VIRTIO_ID_BALLOON = 5
 QUEUE_SIZE = 128
 PAGE = 4096  # VIRTIO_BALLOON_PFN_SHIFT 12
-MAX_PFNS = 4096  # page numbers read from one inflate buffer (Linux sends 256)
+MAX_PFNS = 1024  # page numbers read from one inflate buffer (Linux sends 256)
 
 VIRTIO_BALLOON_F_STATS_VQ = 1
 VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2
@@ -175,7 +175,11 @@ class VirtioBalloon(VirtioMmioDevice):
             index = self._queue_index(VIRTIO_BALLOON_F_STATS_VQ)
             if not self.active or index is None or self.stats_head is None:
                 return
-            self.queues[index].push(self.ram, self.stats_head, 0)
+            try:
+                self.queues[index].push(self.ram, self.stats_head, 0)
+            except QueueError as e:
+                self.fail(str(e))
+                return
             self.stats_head = None
             self.signal_used(index)
 

@@ -30,7 +30,7 @@ from kvmkit.records import bounds
 VIRTIO_ID_BLOCK = 2
 QUEUE_SIZE = 256
 SECTOR = 512
-SEG_MAX = 128  # data descriptors per request the driver may use
+SEG_MAX = QUEUE_SIZE - 2  # data descriptors per request: with header and status, a ring
 
 VIRTIO_BLK_F_SEG_MAX = 2
 VIRTIO_BLK_F_RO = 5
@@ -89,6 +89,7 @@ class BlkState:
     transport: VirtioState
     requests: int = field(default=0, metadata=bounds(0, None))
     errors: int = field(default=0, metadata=bounds(0, None))
+    capacity: int = field(default=0, metadata=bounds(0, None))  # bytes the guest was told
 
 
 class RequestError(Exception):
@@ -134,17 +135,27 @@ class VirtioBlk(VirtioMmioDevice):
         self.config = config
         self.path = path or config.path
         self.fd, self.capacity = open_backing(config.drive_id, self.path, config.read_only)
+        if state is not None and state.capacity and state.capacity != self.capacity:
+            os.close(self.fd)
+            raise ConfigError(
+                f"drive {config.drive_id}: {self.path} holds {self.capacity} bytes, but the"
+                f" saved guest's disk had {state.capacity}: give a file of the same size"
+            )
         features = 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
         if config.read_only:
             features |= 1 << VIRTIO_BLK_F_RO
         else:
             features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
-        super().__init__(name, ram, irq, features, state.transport if state else None)
+        try:
+            super().__init__(name, ram, irq, features, state.transport if state else None)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.requests = state.requests if state else 0
         self.request_errors = state.errors if state else 0
 
     def save_state(self) -> BlkState:
-        return BlkState(self.transport_state(), self.requests, self.request_errors)
+        return BlkState(self.transport_state(), self.requests, self.request_errors, self.capacity)
 
     def summary(self) -> str:
         ro = ", read-only" if self.config.read_only else ""

@@ -144,7 +144,13 @@ class VirtioMmioDevice:
         self.config_generation = s.config_generation
         self.errors = s.errors
         self.last_error = s.last_error
-        for q, qs in zip(self.queues, s.queues, strict=False):
+        for i, (q, qs) in enumerate(zip(self.queues, s.queues, strict=False)):
+            n = qs.size
+            if qs.ready and (not 1 <= n <= q.max_size or n & (n - 1)):
+                raise KvmkitError(
+                    f"{name}: saved queue {i} is ready with size {n}, which this device"
+                    f" cannot have (powers of two up to {q.max_size})"
+                )
             q.load(qs)
         self._apply_features()
 
@@ -259,6 +265,8 @@ class VirtioMmioDevice:
                 self.device_queue(index)
             except QueueError as e:
                 self.fail(str(e))
+            except KvmkitError as e:  # guest RAM the walker let through, then refused
+                self.fail(f"{self.name} queue {index}: {e}")
 
     # -- registers (vCPU threads) ---------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

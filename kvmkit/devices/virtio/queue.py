@@ -52,6 +52,15 @@ class GuestRam(Protocol):
         ...
 
 
+def mark_dirty(ram: GuestRam, gpa: int, length: int) -> None:
+    """Tell `ram` the device wrote [gpa, gpa+length), so a migration sends it again
+    (GuestMemory.mark_dirty: KVM's dirty log does not see the VMM's writes). A RAM
+    without `mark_dirty` (a unit test's bytearray) records nothing."""
+    record = getattr(ram, "mark_dirty", None)
+    if record is not None:
+        record(gpa, length)
+
+
 @dataclass(frozen=True)
 class QueueState:
     """One queue's registers and indices, as saved in a snapshot."""
@@ -98,6 +107,7 @@ class Virtqueue:
         self.name = name
         self.max_size = max_size
         self.event_idx = False  # VIRTIO_F_EVENT_IDX negotiated
+        self._writable: dict[int, list[tuple[int, int]]] = {}  # head -> buffers, until push
         self.indirect = False  # VIRTIO_F_INDIRECT_DESC negotiated
         self.load(state or QueueState(size=max_size))
 
@@ -126,6 +136,7 @@ class Virtqueue:
 
     def reset(self) -> None:
         self.load(QueueState(size=self.max_size))
+        self._writable.clear()
 
     # -- checks ---------------------------------------------------------------------------
     def check(self, ram: GuestRam) -> None:
@@ -188,9 +199,12 @@ class Virtqueue:
         head = int.from_bytes(self._view(ram, self.avail + 4 + 2 * slot, 2, "avail ring"), "little")
         chain = self._walk(ram, head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if chain.writable:  # marked dirty when the chain is returned (head < size)
+            self._writable[head] = chain.writable
         if self.event_idx:  # avail_event: notify me when you pass what I have taken
             at = self.used + 4 + 8 * self.size
             self._view(ram, at, 2, "avail_event")[:] = self.last_avail.to_bytes(2, "little")
+            mark_dirty(ram, at, 2)
         return chain
 
     def _walk(self, ram: GuestRam, head: int) -> Chain:
@@ -265,6 +279,10 @@ class Virtqueue:
         elem[:] = struct.pack("<II", head, written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._view(ram, self.used + 2, 2, "used index")[:] = self.used_idx.to_bytes(2, "little")
+        mark_dirty(ram, self.used + 4 + 8 * slot, 8)
+        mark_dirty(ram, self.used + 2, 2)
+        for gpa, length in self._writable.pop(head, ()):  # what the device may have written
+            mark_dirty(ram, gpa, length)
 
     def should_interrupt(self, ram: GuestRam) -> bool:
         """Whether the driver wants an interrupt for the chains pushed since the last
