@@ -325,3 +325,13 @@ def test_live_migration_moves_the_interface_to_another_tap_and_the_vsock_to_anot
     assert sent.rc == 0 and got.split() == ["received=65536", f"fnv={expect(65536, 31)}"]
     assert streamed.rc == 0, streamed.text
     assert server.received == [(65536, expect(65536, 32))]
+
+
+def test_overrides_must_name_what_the_snapshot_has(net_snapshot, linux_snapshot, tmp_path):
+    from kvmkit.errors import ConfigError
+
+    path, _ = net_snapshot
+    with pytest.raises(ConfigError, match=r"no network interface 'eht0' \(its interfaces: eth0\)"):
+        restore_guest(path, net_taps={"eht0": "tap9"})
+    with pytest.raises(ConfigError, match="the saved machine has no vsock device"):
+        restore_guest(linux_snapshot.path, vsock_uds=str(tmp_path / "v.sock"))
