@@ -9,9 +9,13 @@ event loop) utime + stime from /proc/PID/stat over the same span, per MiB moved.
 QEMU: `qemu-system-x86_64 -enable-kvm -M microvm` with `-device virtio-blk-device`
 (Debian: apt-get install qemu-system-x86), cache=unsafe like kvmkit's default.
 
-    python3 benchmarks/virtio.py [--mib 32] [--runs 1] [--only blk]
+    python3 benchmarks/virtio.py [--mib 32] [--net-mib 4] [--runs 1] [--only blk|tcp]
 
-`BENCHES` maps a name to its function; the net branch adds "tcp" (a placeholder here).
+tcp: guest-to-host TCP of --net-mib MiB (the init's tcp-send) over virtio-net on a tap
+in a throwaway network namespace, to a sink process on the tap's host side; QEMU with
+`-netdev tap,vhost=off -device virtio-net-device` on the same tap. Needs root.
+
+`BENCHES` maps a name to its function.
 """
 
 import argparse
@@ -175,9 +179,97 @@ def bench_blk(kernel: TestKernel, cmdline: str, args: argparse.Namespace) -> Non
         )
 
 
+TCP_SINK = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+n = 0
+while data := c.recv(1 << 20):
+    n += len(data)
+print(n, flush=True)
+"""
+
+
+def tcp_run(vmm: str, cmd: list[str], lab, mib: int) -> Result:
+    """Boot under `cmd` (inside the lab's namespace), bring eth0 up, time a guest
+    tcp-send of `mib` MiB to a sink on the tap's host side."""
+    from kvmkit.testing.netns import GUEST_IP, HOST_IP, PREFIX
+
+    console = Console(lab.command(cmd))
+    try:
+        console.wait_for(BANNER)
+        console.command(f"net-up eth0 {GUEST_IP}/{PREFIX}")
+        sink = lab.popen(
+            [sys.executable, "-c", TCP_SINK, HOST_IP, "5001"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert sink.stdout is not None
+            sink.stdout.readline()
+            wall, cpu, _ = console.command(f"tcp-send {HOST_IP} 5001 {mib << 20} 7")
+            got = int(sink.stdout.readline())
+            if got != mib << 20:
+                sys.exit(f"{vmm}: the sink received {got} bytes, not {mib << 20}")
+        finally:
+            sink.kill()
+            sink.wait()
+        return Result(vmm, "tcp", mib, wall, cpu)
+    finally:
+        console.close()
+
+
 def bench_tcp(kernel: TestKernel, cmdline: str, args: argparse.Namespace) -> None:
-    """Placeholder: virtio-net TCP throughput (the net branch fills this in)."""
-    print("tcp: not measured here (virtio-net is on the net branch)")
+    """Guest-to-host TCP over virtio-net on a tap: kvmkit against QEMU's
+    virtio-net-device on -M microvm with the same tap (no vhost), in a throwaway
+    network namespace (kvmkit.testing.netns), the sink a process on the tap's host
+    side. MiB/s and VMM host CPU per MiB."""
+    from kvmkit.testing.netns import NetLab
+
+    reason = NetLab.unavailable()
+    if reason is not None:
+        print(f"tcp: skipped: {reason}")
+        return
+    mem_mib, mib = 128, args.net_mib
+    mac = "06:00:ac:10:00:02"
+    print(f"tcp: guest -> host, {mib} MiB, one stream, {mem_mib} MiB guest, tap, no vhost")
+    results: dict[str, list[Result]] = {}
+    with NetLab.create() as lab:
+        for i in range(args.runs):
+            for vmm in ("kvmkit", "qemu"):
+                if vmm == "kvmkit":
+                    cmd = [
+                        sys.executable, "-m", "kvmkit", "run", "--kernel", str(kernel.vmlinux),
+                        "--initrd", str(kernel.initramfs), "--cmdline", cmdline,
+                        "--memory", f"{mem_mib}M", "--net", f"tap={lab.tap},mac={mac}", "-q",
+                    ]  # fmt: skip
+                else:
+                    plain = " ".join(w for w in cmdline.split() if "virtio_mmio" not in w)
+                    cmd = [
+                        *qemu_command(kernel.vmlinux, kernel.initramfs, plain, mem_mib),
+                        "-serial", "stdio",
+                        "-netdev", f"tap,id=n0,ifname={lab.tap},script=no,downscript=no,vhost=off",
+                        "-device", f"virtio-net-device,netdev=n0,mac={mac}",
+                    ]  # fmt: skip
+                r = tcp_run(vmm, cmd, lab, mib)
+                results.setdefault(vmm, []).append(r)
+                print(
+                    f"  run {i + 1} {vmm:6}: {r.mib_s:6.3f} MiB/s,"
+                    f" {r.cpu_ms_per_mib:8.1f} ms host CPU per MiB"
+                )
+    k, q = results["kvmkit"], results["qemu"]
+    k_rate = statistics.median(r.mib_s for r in k)
+    q_rate = statistics.median(r.mib_s for r in q)
+    k_cpu = statistics.median(r.cpu_ms_per_mib for r in k)
+    q_cpu = statistics.median(r.cpu_ms_per_mib for r in q)
+    print(
+        f"median of {args.runs}: kvmkit {k_rate:.3f} MiB/s {k_cpu:.1f} ms CPU/MiB;"
+        f"  QEMU {q_rate:.3f} MiB/s {q_cpu:.1f} ms CPU/MiB;"
+        f"  ratio kvmkit/QEMU: throughput {k_rate / q_rate:.2f}, CPU per MiB"
+        f" {k_cpu / q_cpu:.2f}"
+    )
 
 
 BENCHES: dict[str, Callable[[TestKernel, str, argparse.Namespace], None]] = {
@@ -189,6 +281,7 @@ BENCHES: dict[str, Callable[[TestKernel, str, argparse.Namespace], None]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=32, help="MiB per transfer (default 32)")
+    parser.add_argument("--net-mib", type=int, default=4, help="MiB per TCP transfer (default 4)")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--only", choices=sorted(BENCHES), action="append")
     args = parser.parse_args()

@@ -41,6 +41,7 @@ from kvmkit.machine.virtio_devices import (
 from kvmkit.machine.virtio_devices import (
     VirtioContext,
     add_virtio_device,
+    check_host_overrides,
     check_placement,
     cmdline_params,
 )
@@ -161,6 +162,7 @@ class _Assembly:
         context = VirtioContext(
             self.memory, drive_paths, self.events, o.net_taps or {}, o.vsock_uds
         )
+        check_host_overrides([(r.kind, r.config) for r in d.devices], context)
         for record in d.devices:
             kind = VIRTIO_KINDS.get(record.kind)
             if kind is None:

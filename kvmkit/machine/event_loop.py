@@ -3,8 +3,10 @@
 Devices register readable fds (ioeventfds for their doorbells, tap devices, vsock
 sockets, console input, disk completions) with a callback; the loop thread
 (`kvmkit-events`) runs each callback when its fd is readable, so device work never
-waits for a vCPU exit. `quiesce()` parks the loop between callbacks and holds it
-there (a pause, a snapshot and close need devices still); `close()` stops it.
+waits for a vCPU exit. `watch()` also waits for room to write (a vsock stream's host
+socket that was full), calling back with (readable, writable). `quiesce()` parks the
+loop between callbacks and holds it there (a pause, a snapshot and close need devices
+still); `close()` stops it.
 A callback that raises stops the machine through `on_error`, never the loop silently.
 """
 

@@ -181,6 +181,21 @@ def add_virtio_device(
     return base
 
 
+def check_host_overrides(saved: list[tuple[str, Mapping[str, Any]]], ctx: VirtioContext) -> None:
+    """The taps and vsock socket given for a restore must name devices the saved machine
+    has (a misspelt interface id would otherwise be ignored in silence)."""
+    ifaces = [str(c.get("iface_id")) for kind, c in saved if kind == "virtio-net"]
+    for iface in ctx.net_taps:
+        if iface not in ifaces:
+            has = ", ".join(ifaces) if ifaces else "none"
+            raise ConfigError(
+                f"--net-tap {iface}=...: the saved machine has no network interface"
+                f" {iface[:40]!r} (its interfaces: {has})"
+            )
+    if ctx.vsock_uds is not None and not any(kind == "virtio-vsock" for kind, _ in saved):
+        raise ConfigError("--vsock-uds: the saved machine has no vsock device")
+
+
 def check_placement(device_id: str, kind: str, bus: str, length: int, gsi: int | None) -> None:
     """A saved virtio device must be an MMIO slot with an interrupt line."""
     if bus != "mmio" or length != MMIO_SIZE or gsi is None:

@@ -25,6 +25,7 @@ from kvmkit.errors import KvmkitError
 CLONE_NEWNET = 0x40000000
 HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"
+HOST_MAC = "0a:00:00:00:00:01"  # every lab's tap: a guest moved between labs finds its peer
 PREFIX = 24
 _count = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -67,6 +68,8 @@ class NetLab:
         _ip("netns", "add", lab.netns)
         try:
             lab.ip("tuntap", "add", lab.tap, "mode", "tap")
+            lab.quiet_ipv6()
+            lab.ip("link", "set", lab.tap, "address", HOST_MAC)
             lab.ip("addr", "add", f"{HOST_IP}/{PREFIX}", "dev", lab.tap)
             lab.ip("link", "set", lab.tap, "up")
             lab.ip("link", "set", "lo", "up")
@@ -74,6 +77,15 @@ class NetLab:
             lab.close()
             raise
         return lab
+
+    def quiet_ipv6(self) -> None:
+        """No IPv6 on the tap: the host sends no neighbour discovery of its own, so the
+        only frames are the test's."""
+        subprocess.run(
+            self.command(["sysctl", "-qw", f"net.ipv6.conf.{self.tap}.disable_ipv6=1"]),
+            capture_output=True,
+            timeout=30,
+        )
 
     def ip(self, *args: str) -> None:
         _ip("-n", self.netns, *args)

@@ -80,7 +80,10 @@ def test_a_vsock_host_peer_that_drops_resets_the_stream_and_the_next_one_works(g
         with active_plan(_plan("vsock.host:disconnect@once")) as plan:
             failed = guest.command("vsock-send 2 5102 65536 22")  # ECONNRESET or EPIPE
         assert plan.injected
-        assert failed.rc != 0 and "kvmkit-init: error" in failed.text, failed.text
+        # An RST on a vsock stream is an error for a sender (EPIPE) and an early end for
+        # a reader (Linux): either way the guest does not get its echo back.
+        ended_early = failed.rc != 0 or failed.value("received") != "65536"
+        assert ended_early, failed.text
         vsock = guest.machine.devices["vsock"]
         assert vsock.host.resets >= 1
         again = EchoServer(f"{uds}_5103")

@@ -7,6 +7,7 @@ snapshot in milliseconds. The peer is a process in the namespace, at HOST_IP on 
 tap. Data is the init's pattern; both ends report FNV-1a checksums.
 """
 
+import io
 import re
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmkit.guests.linux.pattern import pattern
-from kvmkit.testing.linux import restore_guest
+from kvmkit.testing.linux import LinuxGuest, restore_guest
 from kvmkit.testing.netns import GUEST_IP, HOST_IP, NetLab
 from tests.net_helpers import (
     MAC,
@@ -229,3 +230,108 @@ def test_kvmkit_run_with_net_and_vsock_flags(test_kernel, lab, tmp_path):
     assert f"fnv={expect(65536, 5)} received=65536 rfnv={expect(65536, 5)}" in p.stdout
     assert server.received == [(65536, expect(65536, 5))]
     assert not uds.exists()  # the vsock's socket goes with the machine
+    assert f"virtio-net eth0 on tap {lab.tap}:" in p.stderr  # the run summary
+    assert f"virtio-vsock cid 7 at {uds}: 1 streams opened" in p.stderr
+
+
+def test_kvmkit_snapshot_restore_attaches_another_tap_and_vsock_socket(net_snapshot, tmp_path):
+    """`kvmkit snapshot restore --net-tap eth0=TAP --vsock-uds PATH`, as a user runs
+    it: the restored guest's eth0 is on the new tap (its peer answers TCP there) and
+    its vsock streams reach the new socket path."""
+    path, _ = net_snapshot
+    uds = tmp_path / "new.sock"
+    server = EchoServer(f"{uds}_5021")
+    with NetLab.create() as other:
+        p = other.popen(
+            [
+                *(sys.executable, "-m", "kvmkit", "snapshot", "restore", str(path)),
+                *("--net-tap", f"eth0={other.tap}", "--vsock-uds", str(uds), "-q"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        sink = peer(other, "tcp-recv", HOST_IP, 5020)
+        try:
+            assert sink.stdout.readline().strip() == "listening"
+            p.stdin.write("tcp-send 10.77.0.1 5020 65536 6\nvsock-send 2 5021 65536 6\n")
+            p.stdin.write("poweroff\n")
+            p.stdin.flush()
+            out, _ = p.communicate(timeout=300)
+            got, _ = sink.communicate(timeout=60)
+        finally:
+            for proc in (p, sink):
+                if proc.poll() is None:
+                    proc.kill()
+            server.close()
+    assert p.returncode == 0, out[-2000:]
+    assert f"sent=65536 fnv={expect(65536, 6)}" in out
+    assert got.split() == ["received=65536", f"fnv={expect(65536, 6)}"]
+    assert f"rfnv={expect(65536, 6)}" in out
+    assert server.received == [(65536, expect(65536, 6))]
+
+
+def test_live_migration_moves_the_interface_to_another_tap_and_the_vsock_to_another_socket(
+    net_snapshot, lab, tmp_path
+):
+    """A migration on one host: the target attaches eth0 to another tap (the source
+    holds its own until the end) and the vsock to another socket path; after the move
+    the guest's TCP reaches the peer behind the new tap and its vsock streams the new
+    path."""
+    from kvmkit.migration import IncomingMigration
+    from kvmkit.migration.source import migrate
+
+    path, _ = net_snapshot
+    uds = tmp_path / "moved.sock"
+    with lab.entered():
+        source = restore_guest(path)
+    with NetLab.create() as other:
+        address = f"unix:{tmp_path / 'in.sock'}"
+        incoming = IncomingMigration(address)
+        received: list[LinuxGuest] = []
+
+        def receive() -> None:
+            with other.entered():
+                machine = incoming.receive(
+                    console_stream=io.BytesIO(),
+                    net_taps={"eth0": other.tap},
+                    vsock_uds=str(uds),
+                )
+            incoming.commit()
+            incoming.close()
+            incoming.confirm_when_running()
+            received.append(LinuxGuest(machine))
+
+        target = threading.Thread(target=receive, daemon=True)
+        target.start()
+        try:
+            migrate(source.machine, address)
+            target.join(60)
+            assert received, "the target did not start"
+        finally:
+            source.close()
+        moved = received[0]
+        server = EchoServer(f"{uds}_5030")
+        try:
+            sink = peer(other, "tcp-recv", HOST_IP, 5031)
+            assert sink.stdout.readline().strip() == "listening"
+            sent = moved.command(f"tcp-send {HOST_IP} 5031 65536 31")
+            got, _ = sink.communicate(timeout=60)
+            streamed = moved.command("vsock-send 2 5030 65536 32")
+            assert moved.machine.devices["net0"].config.tap == other.tap
+        finally:
+            moved.close()
+            server.close()
+    assert sent.rc == 0 and got.split() == ["received=65536", f"fnv={expect(65536, 31)}"]
+    assert streamed.rc == 0, streamed.text
+    assert server.received == [(65536, expect(65536, 32))]
+
+
+def test_overrides_must_name_what_the_snapshot_has(net_snapshot, linux_snapshot, tmp_path):
+    from kvmkit.errors import ConfigError
+
+    path, _ = net_snapshot
+    with pytest.raises(ConfigError, match=r"no network interface 'eht0' \(its interfaces: eth0\)"):
+        restore_guest(path, net_taps={"eht0": "tap9"})
+    with pytest.raises(ConfigError, match="the saved machine has no vsock device"):
+        restore_guest(linux_snapshot.path, vsock_uds=str(tmp_path / "v.sock"))

@@ -155,6 +155,18 @@ class VirtioNet(VirtioMmioDevice):
                 self.tx_dropped,
             )
 
+    def summary(self) -> str:
+        return (
+            f"virtio-net {self.config.iface_id} on tap {self.config.tap}: {self.rx_frames}"
+            f" frames in, {self.tx_frames} out, dropped {self.rx_dropped} in and"
+            f" {self.tx_dropped} out"
+        )
+
+    def health(self) -> str | None:
+        if self.tap_error:
+            return f"{self.name}: {self.tap_error}: the guest's link is down"
+        return super().health()
+
     @property
     def link_up(self) -> bool:
         return self.tap is not None

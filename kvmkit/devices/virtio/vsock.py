@@ -83,6 +83,14 @@ class VirtioVsock(VirtioMmioDevice):
         with self.lock:
             return VsockState(self.transport_state(), self.resets + self.host.resets)
 
+    def summary(self) -> str:
+        h = self.host
+        return (
+            f"virtio-vsock cid {self.config.cid} at {self.config.uds}: {h.opened} streams"
+            f" opened, {h.resets} reset by kvmkit, {h.refused} guest connections refused"
+            " (nobody listening)"
+        )
+
     def device_config(self) -> bytes:
         return pack_config("Q", self.config.cid)
 

@@ -94,6 +94,7 @@ class HybridVsockHost:
         self.listener: socket.socket | None = None
         self.resets = 0  # streams ended by an RST kvmkit sent
         self.refused = 0  # guest connections nobody listened for on the host
+        self.opened = 0  # streams set up, either way
 
     # -- the listening socket ---------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +191,7 @@ class HybridVsockHost:
     def _add(self, conn: Connection) -> None:
         key = (conn.guest_port, conn.host_port)
         self.conns[key] = conn
+        self.opened += 1
         self._refresh(key, conn)
 
     def _refresh(self, key: Key, conn: Connection) -> None:
