@@ -96,12 +96,12 @@ def put_boot_program(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Non
 
 
 def check_id(p: dict[str, str], d: dict[str, Any], field: str) -> str:
-    if d[field] != p["id"]:
+    if d[field] != p[field]:
         raise Fault(
-            f"the body's {field} {d[field][:40]!r} differs from the path's {p['id'][:40]!r}:"
+            f"the body's {field} {d[field][:40]!r} differs from the path's {p[field][:40]!r}:"
             " give the same id"
         )
-    return p["id"]
+    return p[field]
 
 
 def refuse_rate_limiters(what: str, d: dict[str, Any], *names: str) -> None:

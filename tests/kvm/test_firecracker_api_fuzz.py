@@ -3,6 +3,7 @@ broken, against a running kvmkit: never a 5xx, never a traceback, and the guest 
 running. Hypothesis draws bodies from each operation's JSON Schema, then sometimes
 breaks them (an unknown field, a wrong type, a missing required field, not JSON)."""
 
+import re
 import string
 import time
 
@@ -88,7 +89,7 @@ def _requests(tmp):
 
     def one(op):
         method, path, schema = op
-        path_st = st.builds(lambda i: path.replace("{id}", i), ids)
+        path_st = st.builds(lambda i: re.sub(r"\{\w+\}", i, path), ids)
         if schema is None:
             return st.tuples(st.just(method), path_st, st.just(None))
         bodies = _from_schema(schema, "", tmp).flatmap(_break)
