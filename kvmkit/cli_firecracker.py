@@ -8,9 +8,11 @@ layout and boots at once (--no-api: without a socket). The machine then runs as 
 """
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+from kvmkit.api.fc_state import INSTANCE_ID
 from kvmkit.api.firecracker import Fault, FirecrackerVmm
 from kvmkit.api.http import BadRequest, HttpServer, parse_json
 from kvmkit.errors import ConfigError
@@ -18,6 +20,7 @@ from kvmkit.machine import Machine
 from kvmkit.machine.resources import MachineSpec
 
 MAX_CONFIG_BYTES = 1 << 20
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$", re.ASCII)
 BOOT_FLAGS = ("guest", "kernel", "initrd", "cmdline", "test_kernel", "entry", "mode")
 
 
@@ -41,15 +44,27 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         help="configure the machine from a Firecracker JSON config file and boot it at once",
     )
     fc.add_argument("--no-api", action="store_true", help="with --config-file: serve no API socket")
+    fc.add_argument(
+        "--id",
+        dest="instance_id",
+        default=INSTANCE_ID,
+        metavar="ID",
+        help="the instance id GET / and the API log show, as Firecracker's --id: 1 to 64"
+        f" letters, digits or '-' (default: {INSTANCE_ID})",
+    )
 
 
 def wanted(args: argparse.Namespace) -> bool:
-    return bool(args.api_sock or args.config_file or args.no_api)
+    return bool(args.api_sock or args.config_file or args.no_api or args.instance_id != INSTANCE_ID)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     if args.no_api and not args.config_file:
         raise ConfigError("--no-api needs --config-file: nothing else could configure the machine")
+    if not (args.api_sock or args.config_file):
+        raise ConfigError(
+            "--id names a machine configured through --api-sock or --config-file: give one"
+        )
     if args.no_api and args.api_sock:
         raise ConfigError("--no-api and --api-sock contradict each other: give one of them")
     if (
@@ -61,6 +76,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             "--drive, --rng and --balloon do not go with --api-sock or --config-file: devices"
             " come from PUT /drives, /entropy, /balloon (or the config file's keys)"
         )
+    if not INSTANCE_ID_RE.match(args.instance_id):
+        raise ConfigError(f"--id {args.instance_id[:70]!r}: use 1 to 64 letters, digits or '-'")
     for flag in BOOT_FLAGS:
         if getattr(args, flag, None):
             name = "--" + flag.replace("_", "-")
@@ -95,7 +112,7 @@ def cmd_run(
     run_machine: Callable[[Machine, argparse.Namespace], int],
 ) -> int:
     _check_flags(args)
-    vmm = FirecrackerVmm(spec, args.console)
+    vmm = FirecrackerVmm(spec, args.console, args.instance_id)
     if args.config_file:
         vmm.apply_config(load_config(args.config_file), f"config file {args.config_file}")
     server = None

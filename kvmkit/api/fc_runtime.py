@@ -13,7 +13,6 @@ from kvmkit.api import fc_snapshot
 from kvmkit.api.fc_preboot import get_machine_config
 from kvmkit.api.fc_state import (
     FC_API_VERSION,
-    INSTANCE_ID,
     SNAPSHOT_HOLDER,
     START_WAIT_S,
     Fault,
@@ -30,7 +29,7 @@ from kvmkit.memory.layout import MIB
 
 def get_root(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Any:
     return {
-        "id": INSTANCE_ID,
+        "id": vmm.instance_id,
         "state": vmm.state(),
         "vmm_version": __version__,
         "app_name": "kvmkit",

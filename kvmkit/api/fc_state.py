@@ -34,7 +34,13 @@ class Fault(Exception):
 class VmmState:
     """The state of one microVM as Firecracker's API sees it."""
 
-    def __init__(self, machine_spec: MachineSpec | None = None, console: str | None = None) -> None:
+    def __init__(
+        self,
+        machine_spec: MachineSpec | None = None,
+        console: str | None = None,
+        instance_id: str = INSTANCE_ID,
+    ) -> None:
+        self.instance_id = instance_id
         spec = machine_spec or MachineSpec()
         spec = replace(spec, memory_bytes=DEFAULT_MEM_MIB * MIB)
         self.resources = VmResources(machine=spec)
@@ -109,7 +115,7 @@ class VmmState:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         shown = f":{level.upper()}" if cfg.get("show_level") else ""
-        append_line(cfg["log_path"], f"{stamp} [{INSTANCE_ID}:kvmkit-api{shown}] {message}\n")
+        append_line(cfg["log_path"], f"{stamp} [{self.instance_id}:kvmkit-api{shown}] {message}\n")
 
     def flush_metrics(self) -> None:
         if self.metrics is None:

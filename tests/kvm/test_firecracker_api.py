@@ -58,12 +58,17 @@ def _steps(text, cpu):
 
 
 def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
-    first = FcKvmkit(tmp_path, name="first", tap="tap0")
+    first = FcKvmkit(tmp_path, "--id", "vm-1", name="first", tap="tap0")
     second = None
     try:
         c = first.client
         assert mode_of(first.sock) == 0o600
-        assert c.ok("GET", "/")["state"] == "Not started"
+        assert c.ok("GET", "/") == {
+            "id": "vm-1",
+            "state": "Not started",
+            "vmm_version": c.ok("GET", "/version")["kvmkit_version"],
+            "app_name": "kvmkit",
+        }
         _go_sdk_preboot(c, tmp_path, _counter)
         config = c.ok("GET", "/vm/config")
         assert config["machine-config"]["vcpu_count"] == 2
@@ -335,6 +340,8 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
         assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     for args, message in [
         (["--no-api"], "--no-api needs --config-file"),
+        (["--id", "vm1"], "--id names a machine configured through --api-sock"),
+        (["--api-sock", str(tmp_path / "s"), "--id", "no spaces"], "use 1 to 64 letters"),
         (["--api-sock", str(tmp_path / "s"), "--guest", "hello"], "--guest does not go with"),
         (["--config-file", str(tmp_path / "missing.json")], "does not exist"),
         (["--api-sock", str(tmp_path / ("x" * 120))], "path too long"),
