@@ -27,7 +27,7 @@ def _machine_config(required: bool) -> tuple[Field, ...]:
             nullable=True,
             description="a CPU template: kvmkit takes only None (the host's CPUID, adjusted)",
         ),
-        Field("track_dirty_pages", "boolean", description="dirty page tracking (Diff snapshots)"),
+        Field("track_dirty_pages", "boolean", description="false only: no Diff snapshots"),
         Field(
             "huge_pages",
             "string",

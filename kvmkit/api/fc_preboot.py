@@ -41,6 +41,11 @@ def patch_machine_config(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) ->
 def machine_config(vmm: VmmState, d: dict[str, Any], defaults: dict[str, Any]) -> None:
     if d.get("smt"):
         raise Fault("machine-config: smt true is not supported: kvmkit gives one thread a core")
+    if d.get("track_dirty_pages"):
+        raise Fault(
+            "machine-config: track_dirty_pages true is not supported: kvmkit writes Full"
+            " snapshots only (it tracks dirty pages by itself while migrating)"
+        )
     template = d.get("cpu_template")
     if template not in (None, "None"):
         raise Fault(
@@ -202,6 +207,7 @@ def put_balloon(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
 
 
 def put_logger(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
+    vmm.pre_boot("PUT /logger")
     path = d.get("log_path")
     if path is not None:
         check_sink(path, "log_path")
@@ -209,6 +215,7 @@ def put_logger(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
 
 
 def put_metrics(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
+    vmm.pre_boot("PUT /metrics")
     if vmm.metrics is not None:
         raise Fault("metrics are already configured: they can be set once, as in Firecracker")
     check_sink(d["metrics_path"], "metrics_path")

@@ -139,6 +139,9 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
     assert "smt true is not supported" in c.fault(
         "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64, "smt": True}
     )
+    assert "track_dirty_pages true is not supported" in c.fault(
+        "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": True}
+    )
     assert "cpu_template 'T2' is not supported" in c.fault(
         "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "T2"}
     )
@@ -182,6 +185,8 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
         ("/boot-source", {"kernel_image_path": "/vmlinux"}),
         ("/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v")}),
         ("/kvmkit/boot-program", {"guest": "hello"}),
+        ("/logger", {"level": "Debug"}),
+        ("/metrics", {"metrics_path": str(tmp_path / "late.metrics")}),
     ]:
         assert "only allowed before InstanceStart" in c.fault("PUT", path, body)
     assert "needs the microVM paused" in c.fault(
