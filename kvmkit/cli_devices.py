@@ -1,5 +1,6 @@
-"""Device flags of `kvmkit run` (virtio: --drive, --rng, --balloon; --net and --vsock
-join here) and of the commands that rebuild a saved machine (--drive-path).
+"""Device flags of `kvmkit run` (virtio: --drive, --rng, --balloon, --net, --vsock)
+and of the commands that rebuild a saved machine (--drive-path, --net-tap,
+--vsock-uds).
 
 Each device flag takes `key=value` options separated by commas (and bare words for
 booleans), parsed by `parse_options`; a bad one is a ConfigError naming the flag,
@@ -11,7 +12,14 @@ import argparse
 from collections.abc import Callable
 
 from kvmkit.errors import ConfigError
-from kvmkit.machine.resources import BalloonSpec, DriveSpec, EntropySpec, VmResources
+from kvmkit.machine.resources import (
+    BalloonSpec,
+    DriveSpec,
+    EntropySpec,
+    NetSpec,
+    VmResources,
+    VsockSpec,
+)
 
 DEVICES_HELP = """\
 virtio-mmio devices (a Linux guest finds them through virtio_mmio.device= entries
@@ -22,10 +30,19 @@ kvmkit adds to its command line; the first drive is /dev/vda, the next /dev/vdb.
   --drive path=d.img,serial=SN1,cache=writeback   flush is fsync (default: unsafe)
   --rng                                 /dev/hwrng from the host's getrandom()
   --balloon amount=64,stats=5,deflate_on_oom,free_page_reporting
+  --net tap=tap0                        eth0 on host tap tap0 (made beforehand:
+                                        ip tuntap add tap0 mode tap && ip link set tap0 up)
+  --net tap=tap1,mac=06:00:ac:10:00:03,id=eth1    a second interface, its MAC
+  --vsock cid=3,uds=/tmp/v.sock         AF_VSOCK: guest port P -> unix socket
+                                        /tmp/v.sock_P; host -> guest: connect to
+                                        /tmp/v.sock, send 'CONNECT P', a newline, and
+                                        read 'OK <port>' before the stream
 """
 
 DRIVE_KEYS = {"path", "ro", "root", "id", "serial", "cache"}
 BALLOON_KEYS = {"amount", "deflate_on_oom", "stats", "free_page_reporting"}
+NET_KEYS = {"tap", "mac", "id"}
+VSOCK_KEYS = {"cid", "uds"}
 FLAGS = {"ro", "root", "deflate_on_oom", "free_page_reporting"}
 
 
@@ -57,6 +74,24 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
         " lets the guest take pages back under memory pressure, free_page_reporting has"
         " it report free pages; pages given are freed from the host's memory backing",
     )
+    group.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap=TAP[,mac=MAC][,id=ID]",
+        help="a virtio-net interface on the existing host tap TAP (repeatable; the guest's"
+        " eth0, eth1... in order): mac is the guest's MAC (default 06:00:ac:10:00:02,"
+        " :03...), id names it (default eth0, eth1...; for --net-tap on restore). kvmkit"
+        " does not create or configure taps: `ip tuntap add TAP mode tap` first",
+    )
+    group.add_argument(
+        "--vsock",
+        metavar="cid=CID,uds=PATH",
+        help="a virtio-vsock device, Firecracker's hybrid style: the guest's CID (3 or"
+        " more); a guest connection to host port P reaches the unix socket PATH_P (listen"
+        " there first); a host program connects to PATH, sends 'CONNECT P\\n', reads 'OK"
+        " <port>\\n' and then talks to the guest's port P",
+    )
 
 
 def add_drive_path_argument(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +102,25 @@ def add_drive_path_argument(parser: argparse.ArgumentParser) -> None:
         metavar="ID=PATH",
         help="use PATH as the backing file of drive ID instead of the path it was saved"
         " with (repeatable; ID as given to --drive id=, default drive0, drive1...)",
+    )
+
+
+def add_restore_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """The overrides of a rebuilt machine's host ends: disks, taps, the vsock socket."""
+    add_drive_path_argument(parser)
+    parser.add_argument(
+        "--net-tap",
+        action="append",
+        default=[],
+        metavar="ID=TAP",
+        help="attach network interface ID to host tap TAP instead of the tap it was saved"
+        " with (repeatable; ID as given to --net id=, default eth0, eth1...)",
+    )
+    parser.add_argument(
+        "--vsock-uds",
+        metavar="PATH",
+        help="the vsock's unix socket path instead of the saved one (needed while the"
+        " saved path is in use, e.g. by the source of a migration on this host)",
     )
 
 
@@ -129,6 +183,42 @@ def parse_balloon(text: str) -> BalloonSpec:
     )
 
 
+def parse_net(text: str, index: int) -> NetSpec:
+    options = parse_options("--net", text, NET_KEYS)
+    if not options.get("tap"):
+        raise ConfigError(
+            f"--net {text[:60]!r}: name the host tap as tap=TAP (e.g. --net tap=tap0)"
+        )
+    return NetSpec(
+        iface_id=options.get("id") or f"eth{index}",
+        tap=options["tap"],
+        mac=options.get("mac") or None,
+    )
+
+
+def parse_vsock(text: str) -> VsockSpec:
+    options = parse_options("--vsock", text, VSOCK_KEYS)
+    if "cid" not in options or not options.get("uds"):
+        raise ConfigError(
+            f"--vsock {text[:60]!r}: give both the guest's CID and the socket path, e.g."
+            " --vsock cid=3,uds=/tmp/v.sock"
+        )
+    cid = _number("--vsock", "cid", options["cid"])
+    return VsockSpec(cid=cid, uds=options["uds"])
+
+
+def parse_net_taps(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        iface_id, eq, tap = item.partition("=")
+        if not eq or not iface_id or not tap:
+            raise ConfigError(f"--net-tap {item[:60]!r}: write ID=TAP (e.g. --net-tap eth0=tap1)")
+        if iface_id in out:
+            raise ConfigError(f"--net-tap: interface {iface_id[:40]!r} is given twice")
+        out[iface_id] = tap
+    return out
+
+
 def parse_drive_paths(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -144,7 +234,7 @@ def parse_drive_paths(items: list[str]) -> dict[str, str]:
     return out
 
 
-# Each applies one flag's values to the resources; the net branch adds --net, --vsock.
+# Each applies one flag's values to the resources.
 DEVICE_APPLIERS: list[Callable[[argparse.Namespace, VmResources], VmResources]] = []
 
 
@@ -168,7 +258,23 @@ def _balloon(args: argparse.Namespace, r: VmResources) -> VmResources:
     return r if text is None else r.with_balloon(parse_balloon(text))
 
 
-DEVICE_APPLIERS += [_drives, _rng, _balloon]
+def _nets(args: argparse.Namespace, r: VmResources) -> VmResources:
+    seen: set[str] = set()
+    for i, text in enumerate(getattr(args, "net", None) or []):
+        spec = parse_net(text, i)
+        if spec.iface_id in seen:
+            raise ConfigError(f"--net: two interfaces have the id {spec.iface_id!r}")
+        seen.add(spec.iface_id)
+        r = r.with_net(spec)
+    return r
+
+
+def _vsock(args: argparse.Namespace, r: VmResources) -> VmResources:
+    text = getattr(args, "vsock", None)
+    return r if text is None else r.with_vsock(parse_vsock(text))
+
+
+DEVICE_APPLIERS += [_drives, _rng, _balloon, _nets, _vsock]
 
 
 def apply_device_args(args: argparse.Namespace, resources: VmResources) -> VmResources:

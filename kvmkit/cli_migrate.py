@@ -8,7 +8,7 @@ from typing import Any
 
 from kvmkit.api.client import call
 from kvmkit.cli_args import positive_seconds
-from kvmkit.cli_devices import add_drive_path_argument, parse_drive_paths
+from kvmkit.cli_devices import add_restore_device_arguments, parse_drive_paths, parse_net_taps
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError, KvmkitError
@@ -104,7 +104,7 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
         "--memory-backend", choices=list(BACKEND_NAMES), help="another backend than the source's"
     )
     receive.add_argument("--console", metavar="PATH", help="as for 'kvmkit run'")
-    add_drive_path_argument(receive)
+    add_restore_device_arguments(receive)
     receive.add_argument("--api-socket", metavar="PATH", help="serve the control API here")
     receive.add_argument(
         "--timeout",
@@ -245,6 +245,7 @@ def _receive(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
     if args.api_socket:  # refuse a busy path now, not after the source has let go
         claim_unix_path(args.api_socket, "the API socket")
     drive_paths = parse_drive_paths(args.drive_path)
+    net_taps = parse_net_taps(args.net_tap)
     incoming = IncomingMigration(args.listen)
     print(f"kvmkit: waiting for a migration on {incoming.address}", file=sys.stderr)
     try:
@@ -255,6 +256,8 @@ def _receive(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
                 accept_timeout_s=args.timeout,
                 progress=progress.update,
                 drive_paths=drive_paths,
+                net_taps=net_taps,
+                vsock_uds=args.vsock_uds,
             )
         incoming.commit()
     finally:

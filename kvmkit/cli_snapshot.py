@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmkit.api.client import call
-from kvmkit.cli_devices import add_drive_path_argument, parse_drive_paths
+from kvmkit.cli_devices import add_restore_device_arguments, parse_drive_paths, parse_net_taps
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
 from kvmkit.memory.backend import BACKEND_NAMES
@@ -32,6 +32,7 @@ examples:
   kvmkit snapshot restore /tmp/vm.snap
   kvmkit snapshot restore /tmp/vm.snap --memory-backend memfd --lazy"""
 
+CTL_TIMEOUT_S = 60.0  # a pause waits at most 10 s for the vCPUs; a hung machine is named
 CTL_EPILOG = """\
 requests:
   status   the machine's state (created, running, paused, stopped), vCPUs, memory,
@@ -124,7 +125,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
         " prefetching the rest in the background; memfd backends only",
     )
     restore.add_argument("--console", metavar="PATH", help="as for 'kvmkit run'")
-    add_drive_path_argument(restore)
+    add_restore_device_arguments(restore)
     restore.add_argument("--api-socket", metavar="PATH", help="serve the control API here")
     restore.add_argument("--quiet", "-q", action="store_true", help="no summary")
 
@@ -153,7 +154,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    reply = call(args.socket, args.request)
+    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S)
     print(json.dumps(reply, indent=2))
     return 0
 
@@ -208,6 +209,7 @@ def _restore(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
 
     ConsoleSpec(args.console).validate()  # before the snapshot is read
     drive_paths = parse_drive_paths(args.drive_path)
+    net_taps = parse_net_taps(args.net_tap)
     with Progress("restoring") as progress:
         machine = restore_snapshot(
             args.file,
@@ -216,6 +218,8 @@ def _restore(args: argparse.Namespace, run_machine: Callable[..., int]) -> int:
             lazy=args.lazy,
             progress=bytes_progress(progress, "restoring memory"),
             drive_paths=drive_paths,
+            net_taps=net_taps,
+            vsock_uds=args.vsock_uds,
         )
     for note in machine.restore_notes:
         print(f"kvmkit: note: {note}", file=sys.stderr)

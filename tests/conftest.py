@@ -1,4 +1,7 @@
+import io
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,59 @@ def _isolated_guest_cache(tmp_path_factory):
         os.environ.setdefault("KVMKIT_LINUX_CACHE_DIR", str(linux_cache_root()))
         os.environ["KVMKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvmkit-cache"))
     yield
+
+
+# -- a Linux guest with virtio devices (tests/kvm/test_virtio_linux.py, tests/faults) ----
+VIRTIO_DATA_BYTES = 32 << 20
+VIRTIO_BASE_BYTES = 4 << 20
+VIRTIO_BASE_SEED = 99
+
+
+@dataclass
+class VirtioSnapshot:
+    path: Path
+    data: Path  # the read-write drive "data" (/dev/vda), as at the snapshot
+    base: Path  # the read-only drive "base" (/dev/vdb)
+
+
+@pytest.fixture(scope="session")
+def virtio_snapshot(test_kernel, tmp_path_factory) -> VirtioSnapshot:
+    """The test kernel booted once with blk0 (data, rw, writeback), blk1 (base, ro),
+    rng and balloon, snapshotted at its init's prompt."""
+    from kvmkit.control.snapshots import take_snapshot
+    from kvmkit.guests.linux.pattern import pattern
+    from kvmkit.machine import build_for_boot
+    from kvmkit.machine.resources import BalloonSpec, DriveSpec, EntropySpec
+    from kvmkit.testing.linux import READY, LinuxGuest, kernel_resources
+
+    d = tmp_path_factory.mktemp("virtio")
+    data, base = d / "data.img", d / "base.img"
+    with open(data, "wb") as f:
+        f.truncate(VIRTIO_DATA_BYTES)
+    base.write_bytes(pattern(VIRTIO_BASE_SEED, 0, VIRTIO_BASE_BYTES))
+    resources = (
+        kernel_resources(test_kernel)
+        .with_drive(DriveSpec("data", str(data), serial="KVMKIT-DATA", cache="writeback"))
+        .with_drive(DriveSpec("base", str(base), read_only=True))
+        .with_entropy(EntropySpec())
+        .with_balloon(BalloonSpec())
+    )
+    guest = LinuxGuest(build_for_boot(resources, console=io.BytesIO()))
+    try:
+        guest.wait_for(READY, 180)
+        path = d / "virtio.snap"
+        take_snapshot(guest.machine, path)
+    finally:
+        guest.close()
+    return VirtioSnapshot(path, data, base)
+
+
+@pytest.fixture
+def virtio_disks(virtio_snapshot, tmp_path) -> dict[str, Path]:
+    """This test's copies of the snapshot's drives, by drive id."""
+    out = {}
+    for drive_id, src in (("data", virtio_snapshot.data), ("base", virtio_snapshot.base)):
+        out[drive_id] = tmp_path / src.name
+        shutil.copyfile(src, out[drive_id])
+    out["base"].chmod(0o444)
+    return out

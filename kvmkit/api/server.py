@@ -48,6 +48,7 @@ EVICT_IDLE_S = 1.0
 ACCEPT_RETRY_S = 0.05
 REPLY_GRACE_S = 5.0
 READ_PIECE = 1 << 16
+SUN_PATH_MAX = 108  # sockaddr_un's sun_path, with its NUL
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -100,9 +101,11 @@ class _Client:
         self.evicted = False
 
     def hung_up(self) -> bool:
-        """Whether the peer closed its end (checked without reading)."""
+        """Whether the peer closed the connection (checked without reading). A peer
+        that only shut down its sending side (socat after its input ends) is still
+        there to read the answer."""
         p = select.poll()
-        p.register(self.conn, select.POLLHUP | select.POLLERR | select.POLLRDHUP)
+        p.register(self.conn, select.POLLHUP | select.POLLERR)
         try:
             return bool(p.poll(0))
         except OSError:
@@ -146,16 +149,27 @@ class ApiServer:
         self.machine = machine
         claim_unix_path(self.path, "the API socket")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound and listening under a hidden name, then renamed into place: a client
+        # that sees the path can connect (no ECONNREFUSED window between bind and
+        # listen).
+        hidden = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        if len(os.fsencode(hidden)) >= SUN_PATH_MAX:  # no room for it: bind in place
+            hidden = self.path
         old_umask = os.umask(0o177)
         try:
-            self.sock.bind(str(self.path))
+            hidden.unlink(missing_ok=True)
+            self.sock.bind(str(hidden))
+            os.chmod(hidden, 0o600)
+            self.sock.listen(LISTEN_BACKLOG)
+            if hidden != self.path:
+                os.rename(hidden, self.path)
         except OSError as e:
             self.sock.close()
+            with contextlib.suppress(OSError):
+                hidden.unlink()
             raise ConfigError(f"cannot create the API socket {self.path}: {e.strerror}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(LISTEN_BACKLOG)
         self.max_clients = client_cap()
         self.refused = 0  # connections refused (over the cap, out of descriptors)
         self._spare = _spare_fd()

@@ -63,7 +63,7 @@ def take_snapshot(
             machine.lazy.finish()  # a snapshot needs every page of the one it came from
         machine.pause(holder=SNAPSHOT)
         try:
-            machine.console.flush()
+            machine.console.flush(timeout_s=1.0)  # a stalled reader is given up on sooner
             operation.check()
             report = snapshot_file.save(path, machine, compress_level, checked)
             if not resume:

@@ -19,6 +19,7 @@ import socket
 import struct
 
 from kvmkit.errors import ConfigError, KvmkitError
+from kvmkit.faults import inject
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
@@ -110,6 +111,7 @@ class Tap:
         """One frame with its vnet header; None when none is waiting. TapError when the
         tap is gone."""
         try:
+            inject("tap.read")
             return os.read(self.fd, size)
         except BlockingIOError:
             return None
@@ -118,14 +120,16 @@ class Tap:
 
     def write_frame(self, buffers: list[bytes | memoryview]) -> bool:
         """Send one frame (vnet header first); False when the tap is full or down (the
-        frame is dropped, as a NIC would), TapError when the tap is gone."""
+        frame is dropped, as a NIC would), TapError when the tap is gone. Fault sites
+        `tap.read` and `tap.write` fail these calls on purpose."""
         try:
+            inject("tap.write")
             os.writev(self.fd, buffers)
             return True
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
-            if e.errno == errno.EIO:  # the interface is down: dropped
+            if e.errno in (errno.EIO, errno.ENOBUFS, errno.ENOMEM):  # down, or no room
                 return False
             raise TapError(f"tap {self.name}: write failed: {_why(e)}") from None
 

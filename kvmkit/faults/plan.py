@@ -52,6 +52,10 @@ SITES: dict[str, str] = {
     "device.io": "each port or MMIO access a device handles",
     "blk.read": "each virtio-blk read of a drive's backing file (the guest sees IOERR)",
     "blk.write": "each virtio-blk write, flush, discard of a drive's file (IOERR)",
+    "tap.read": "each frame read from a virtio-net tap (EBADFD: the tap was deleted)",
+    "tap.write": "each frame written to a virtio-net tap (EIO: dropped; EBADFD: deleted)",
+    "vsock.host": "each send or receive on a vsock stream's host socket (disconnect: the"
+    " peer vanished)",
     "migration.send": "each message sent on a migration stream",
     "migration.recv": "each message received on a migration stream",
 }
@@ -209,6 +213,8 @@ def _parse_what(rule: FaultRule, what: str, text: str) -> None:
     elif what.lower() in ("short", "disconnect", "corrupt"):
         rule.action = what.lower()
         allowed = STREAM_SITES + (FILE_SITES if rule.action == "short" else ())
+        if rule.action == "disconnect":
+            allowed += ("vsock.host",)
         if site not in allowed:
             raise ConfigError(
                 f"fault rule {text!r}: {rule.action} applies to {', '.join(allowed)}, not {site}"

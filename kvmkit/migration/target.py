@@ -160,9 +160,12 @@ class IncomingMigration:
         accept_timeout_s: float | None = None,
         progress: ProgressFn | None = None,
         drive_paths: dict[str, str] | None = None,
+        net_taps: dict[str, str] | None = None,
+        vsock_uds: str | None = None,
     ) -> Machine:
         """`drive_paths`: drive id -> the backing file to use here (default: the
-        source's path, which must then exist here too)."""
+        source's path, which must then exist here too); `net_taps`: interface id -> the
+        tap to attach here; `vsock_uds`: the vsock socket path here."""
         try:
             sock, address, source = self._accept(accept_timeout_s)
         finally:
@@ -174,7 +177,10 @@ class IncomingMigration:
         start = time.monotonic()
         try:
             self.machine = self._receive(
-                RestoreOptions(memory_backend, console, console_stream, drive_paths), progress
+                RestoreOptions(
+                    memory_backend, console, console_stream, drive_paths, net_taps, vsock_uds
+                ),
+                progress,
             )
         except (KvmkitError, OSError) as e:
             self._refuse(str(e))

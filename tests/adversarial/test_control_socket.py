@@ -7,6 +7,8 @@ import json
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from kvmkit.api.client import call
 from kvmkit.api.server import MAX_REQUEST_BYTES
 from kvmkit.errors import KvmkitError
-from tests.adversarial.control_helpers import Vm, read_line, settle
+from tests.adversarial.control_helpers import Vm, need_kvm, read_line, settle
 
 MIB = 1 << 20
 
@@ -86,6 +88,7 @@ def test_clients_hanging_up_early_leave_no_traceback(tmp_path):
             # close with a reset (SO_LINGER 0) so the server's answer meets ECONNRESET
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
+        settle(lambda: call(vm.socket, "status")["in_progress"] == [])
         settle(lambda: vm.threads() <= threads and vm.fds() <= fds)
         call(vm.socket, "resume")  # a pause may have landed before its client left
         assert call(vm.socket, "status")["state"] == "running"
@@ -155,3 +158,89 @@ def test_a_full_queue_makes_clients_wait_then_say_so(tmp_path):
             s.close()
         vm.kill()
     vm.stderr_has_no_traceback()
+
+
+OUT_OF_FDS_VM = r"""
+import os, resource, sys, threading, time
+from kvmkit.api.server import ApiServer
+from kvmkit.machine import MachineConfig, build_for_boot
+m = build_for_boot(MachineConfig(guest="counter", guest_arg=0, console="none"))
+server = ApiServer(sys.argv[1], m)
+server.max_clients = 100000  # no cap: only the fd limit stops accept()
+runner = threading.Thread(target=m.run)
+runner.start()
+while not m.running:
+    time.sleep(0.001)
+used = len(os.listdir("/proc/self/fd"))
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 8, hard))
+server.start()
+print("ready", flush=True)
+runner.join()
+server.close()
+m.close()
+print(f"refused {server.refused}", flush=True)
+"""
+
+
+def test_accept_failing_with_emfile_refuses_clearly_and_keeps_accepting(tmp_path):
+    need_kvm()
+    sock = str(tmp_path / "vm.sock")
+    p = subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_FDS_VM, sock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    idle: list[socket.socket] = []
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for _ in range(20):  # more than the descriptors left: accept() fails (EMFILE)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sock)
+            idle.append(s)
+        with pytest.raises(KvmkitError, match="out of file descriptors"):
+            call(sock, "status", connect_timeout_s=1.0)
+        for s in idle:
+            s.close()
+        idle.clear()
+        settle(lambda: _answers(sock))
+        assert call(sock, "pause")["state"] == "paused"
+        snap = tmp_path / "vm.snap"
+        call(sock, "snapshot", {"path": str(snap), "resume": True})
+        assert snap.stat().st_size > 0
+        call(sock, "stop")
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert int(out.split()[-1]) >= 1  # clients were refused, in one line each
+        assert "Traceback" not in err and "stopped accepting" not in err, err
+    finally:
+        for s in idle:
+            s.close()
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _answers(sock: str) -> bool:
+    try:
+        return call(sock, "status", connect_timeout_s=0.2)["state"] == "running"
+    except KvmkitError:
+        return False
+
+
+def test_a_client_that_only_stops_sending_still_gets_its_snapshot(tmp_path):
+    """socat shuts down its sending side when its input ends: not a hang-up."""
+    vm = Vm(tmp_path)
+    try:
+        s = vm.connect()
+        path = tmp_path / "vm.snap"
+        s.sendall(json.dumps({"cmd": "snapshot", "path": str(path), "resume": True}).encode())
+        s.sendall(b"\n")
+        s.shutdown(socket.SHUT_WR)
+        lines = s.makefile("rb").read().splitlines()
+        s.close()
+        assert json.loads(lines[-1])["ok"] is True, lines[-1]
+        assert path.stat().st_size > 0
+    finally:
+        vm.kill()

@@ -7,6 +7,7 @@ stops."""
 
 import hashlib
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -180,5 +181,25 @@ def test_stop_during_a_snapshot_cancels_it_and_stops(tmp_path):
         assert source.wait() == 0
         assert not out.exists()
         assert [p.name for p in tmp_path.iterdir() if "snap" in p.name] == []
+    finally:
+        source.kill()
+
+
+def test_ctrl_c_on_snapshot_create_cancels_it(tmp_path):
+    source = _dirtier_vm(tmp_path)
+    try:
+        out = tmp_path / "vm.snap"
+        create = ["snapshot", "create", "--socket", source.socket, "--resume", "--out", str(out)]
+        assert cli(*create).returncode == 0
+        before = sha(out)
+        p = subprocess.Popen([*KVMKIT, *create, "--force"], stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: in_progress(source) == ["snapshot"], "the snapshot")
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and "interrupted" in err, err
+        wait_until(lambda: "cancelled" in source.output, "the cancel")
+        assert in_progress(source) == [] and call(source.socket, "status")["state"] == "running"
+        assert sha(out) == before  # the old file stays
+        assert sorted(p.name for p in tmp_path.iterdir() if "snap" in p.name) == ["vm.snap"]
     finally:
         source.kill()

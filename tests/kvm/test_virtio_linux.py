@@ -1,83 +1,36 @@
 """virtio-mmio devices under the project's Linux test kernel: virtio-blk, virtio-rng
 and virtio-balloon as a Linux driver uses them, checked from the host side.
 
-One boot per module (`virtio_snapshot`: the test kernel with two drives, an rng and a
-balloon, snapshotted at its prompt); each test restores it in milliseconds, with its
-own copy of the disks (`--drive-path`, here `drive_paths=`), so tests never share
-disk contents.
+One boot per session (`virtio_snapshot` in tests/conftest.py: the test kernel with
+two drives, an rng and a balloon, snapshotted at its prompt); each test restores it
+in milliseconds, with its own copy of the disks (`virtio_disks`; `--drive-path`,
+here `drive_paths=`), so tests never share disk contents.
 """
 
 import io
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from kvmkit.control.snapshots import restore_snapshot, take_snapshot
 from kvmkit.guests.linux.pattern import fnv_hex, pattern
-from kvmkit.machine import build_for_boot
-from kvmkit.machine.resources import BalloonSpec, DriveSpec, EntropySpec
-from kvmkit.testing.linux import READY, LinuxGuest, kernel_resources
+from kvmkit.testing.linux import LinuxGuest, restore_guest
+from tests.conftest import VIRTIO_BASE_BYTES, VIRTIO_DATA_BYTES
 
-DATA_BYTES = 32 << 20
-BASE_BYTES = 4 << 20
-BASE_SEED = 99
-
-
-@dataclass
-class VirtioSnapshot:
-    path: Path
-    data: Path  # the read-write drive "data" (/dev/vda), as at the snapshot
-    base: Path  # the read-only drive "base" (/dev/vdb)
-
-
-@pytest.fixture(scope="module")
-def virtio_snapshot(test_kernel, tmp_path_factory) -> VirtioSnapshot:
-    """The test kernel booted once with blk0 (data, rw, writeback), blk1 (base, ro),
-    rng and balloon, snapshotted at its init's prompt."""
-    d = tmp_path_factory.mktemp("virtio")
-    data, base = d / "data.img", d / "base.img"
-    with open(data, "wb") as f:
-        f.truncate(DATA_BYTES)
-    base.write_bytes(pattern(BASE_SEED, 0, BASE_BYTES))
-    resources = (
-        kernel_resources(test_kernel)
-        .with_drive(DriveSpec("data", str(data), serial="KVMKIT-DATA", cache="writeback"))
-        .with_drive(DriveSpec("base", str(base), read_only=True))
-        .with_entropy(EntropySpec())
-        .with_balloon(BalloonSpec())
-    )
-    guest = LinuxGuest(build_for_boot(resources, console=io.BytesIO()))
-    try:
-        guest.wait_for(READY, 180)
-        path = d / "virtio.snap"
-        take_snapshot(guest.machine, path)
-    finally:
-        guest.close()
-    return VirtioSnapshot(path, data, base)
-
-
-@pytest.fixture
-def disks(virtio_snapshot, tmp_path) -> dict[str, Path]:
-    """This test's copies of the snapshot's drives, by drive id."""
-    out = {}
-    for drive_id, src in (("data", virtio_snapshot.data), ("base", virtio_snapshot.base)):
-        out[drive_id] = tmp_path / src.name
-        shutil.copyfile(src, out[drive_id])
-    out["base"].chmod(0o444)
-    return out
+DATA_BYTES = VIRTIO_DATA_BYTES
+BASE_BYTES = VIRTIO_BASE_BYTES
 
 
 def restore(snapshot: Path, disks: dict[str, Path]) -> LinuxGuest:
-    machine = restore_snapshot(
-        snapshot,
-        console_stream=io.BytesIO(),
-        drive_paths={k: str(v) for k, v in disks.items()},
-    )
-    return LinuxGuest(machine)
+    return restore_guest(snapshot, drive_paths={k: str(v) for k, v in disks.items()})
+
+
+@pytest.fixture
+def disks(virtio_disks):
+    return virtio_disks
 
 
 @pytest.fixture
@@ -209,3 +162,76 @@ def test_a_missing_backing_file_on_restore_is_one_clear_error(virtio_snapshot, d
             virtio_snapshot.path, console_stream=io.BytesIO(), drive_paths={"data": gone}
         )
     assert os.path.exists(disks["data"])
+
+
+def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, tmp_path):
+    import threading
+
+    from kvmkit.migration import IncomingMigration
+    from kvmkit.migration.source import migrate
+
+    offset, length, seed = 4 << 20, 24 << 20, 11
+    address = f"unix:{tmp_path / 'in.sock'}"
+    incoming = IncomingMigration(address)
+    received: list[LinuxGuest] = []
+
+    def receive() -> None:
+        machine = incoming.receive(
+            console_stream=io.BytesIO(), drive_paths={k: str(v) for k, v in disks.items()}
+        )
+        incoming.commit()
+        incoming.close()
+        incoming.confirm_when_running()
+        received.append(LinuxGuest(machine))
+
+    target = threading.Thread(target=receive, daemon=True)
+    target.start()
+    blk = guest.machine.devices["blk0"]
+    start = blk.requests
+    guest.send(f"blk-write /dev/vda {offset} {length} {seed}")
+    _wait(lambda: blk.requests >= start + 4, "the guest's first writes")
+    migrate(guest.machine, address)
+    assert "written=" not in guest.console  # the write was still going on at the source
+    target.join(60)
+    assert received, "the target did not start"
+    moved = received[0]
+    try:
+        done = moved.wait_for("written=", 120)
+        expected = pattern(seed, 0, length)
+        assert done.split("fnv=")[1] == fnv_hex(expected)
+        with open(disks["data"], "rb") as f:
+            f.seek(offset)
+            assert f.read(length) == expected
+        assert moved.machine.description.device("blk0").config["drive_id"] == "data"
+    finally:
+        moved.close()
+
+
+def test_balloon_statistics_and_free_page_reporting(test_kernel):
+    """Its own boot: the balloon's features are negotiated when the driver probes.
+    Linux reports free blocks of pageblock order (4 MiB in the test kernel) that are
+    freed after the driver starts; a small guest frees few of those, so the guest is
+    told to report from order 5 (128 KiB) up."""
+    from kvmkit.machine import build_for_boot
+    from kvmkit.machine.resources import BalloonSpec
+    from kvmkit.testing.linux import READY, kernel_resources
+
+    order = "page_reporting.page_reporting_order=5"
+    resources = kernel_resources(test_kernel, cmdline=order).with_balloon(
+        BalloonSpec(stats_interval_s=1, free_page_reporting=True)
+    )
+    guest = LinuxGuest(build_for_boot(resources, console=io.BytesIO()))
+    try:
+        guest.wait_for(READY, 180)
+        balloon = guest.machine.devices["balloon"]
+        _wait(lambda: "total_memory" in balloon.stats, "the first statistics")
+        total_kb = int(guest.command("meminfo").value("memtotal_kb"))
+        assert balloon.stats["total_memory"] == total_kb * 1024
+        populated = guest.machine.memory.populated_bytes()
+        assert guest.command("mem-touch 8").rc == 0  # 8 MiB in use, then freed
+        assert guest.command("mem-free").rc == 0
+        _wait(lambda: balloon.reported_bytes >= 2 << 20, "a free page report")
+        assert guest.machine.memory.populated_bytes() < populated + (8 << 20)
+        assert balloon.discard_errors == 0
+    finally:
+        guest.close()

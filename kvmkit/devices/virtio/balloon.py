@@ -143,6 +143,14 @@ class VirtioBalloon(VirtioMmioDevice):
                 self.discard_errors,
             )
 
+    def summary(self) -> str:
+        reported = f", {self.reported_bytes >> 20} MiB reported free" if self.reported_bytes else ""
+        return (
+            f"virtio-balloon: holds {self.actual_pages >> 8} MiB (target"
+            f" {self.target_pages >> 8}), {self.inflated_pages >> 8} MiB given back in all"
+            f"{reported}"
+        )
+
     def release(self) -> None:
         if self.timer_fd >= 0:
             os.close(self.timer_fd)

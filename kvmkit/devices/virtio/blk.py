@@ -146,6 +146,13 @@ class VirtioBlk(VirtioMmioDevice):
     def save_state(self) -> BlkState:
         return BlkState(self.transport_state(), self.requests, self.request_errors)
 
+    def summary(self) -> str:
+        ro = ", read-only" if self.config.read_only else ""
+        errors = f", {self.request_errors} failed" if self.request_errors else ""
+        return (
+            f"virtio-blk {self.config.drive_id}: {self.path}{ro}, {self.requests} requests{errors}"
+        )
+
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -193,6 +193,19 @@ class VirtioMmioDevice:
         when readable; registered once the device is placed. Callbacks take `lock`."""
         return []
 
+    def summary(self) -> str:
+        """One line for the run summary: what the device did."""
+        return self.kind
+
+    def health(self) -> str | None:
+        """Why the device stopped serving its driver, if it did."""
+        if self.status & DEVICE_NEEDS_RESET:
+            return (
+                f"{self.name}: the guest's driver broke the virtio rules ({self.last_error});"
+                " the device ignores its queues until the driver resets it"
+            )
+        return None
+
     def release(self) -> None:
         """Release host resources (files, sockets); the device manager calls it at
         close, after the doorbells are gone."""

@@ -45,6 +45,9 @@ class VirtioRng(VirtioMmioDevice):
         self.config = RngConfig()
         self.bytes_given = state.bytes_given if state else 0
 
+    def summary(self) -> str:
+        return f"virtio-rng: {self.bytes_given} bytes given"
+
     def save_state(self) -> RngState:
         return RngState(self.transport_state(), self.bytes_given)
 

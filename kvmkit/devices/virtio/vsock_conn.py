@@ -19,13 +19,16 @@ have at most `buf_alloc - (sent - fwd_cnt)` bytes in flight. kvmkit's side:
 States: `connecting` (kvmkit sent the guest a REQUEST for a host client),
 `established`, then shutdown flags per direction; a connection ends with an RST to
 the guest (either side gone, or both directions shut and the buffer flushed) or
-with the guest's RST. A host socket that errors (the peer vanished) means RST.
+with the guest's RST. A host socket that errors (the peer vanished) means RST; the fault
+site `vsock.host` (e.g. `vsock.host:disconnect@once`) makes a send or receive fail so.
 """
 
 import errno
 import socket
 import struct
 from dataclasses import dataclass
+
+from kvmkit.faults import inject
 
 HEADER = struct.Struct("<QQIIIHHIII")
 HEADER_BYTES = HEADER.size  # 44
@@ -181,6 +184,7 @@ class Connection:
         """Write buffered guest bytes to the host socket, as far as it takes them."""
         while self.tx and self.host_open:
             try:
+                inject("vsock.host")
                 n = self.sock.send(self.tx[:MAX_PAYLOAD_BYTES])
             except (BlockingIOError, InterruptedError):
                 break
@@ -277,6 +281,7 @@ class Connection:
         if n <= 0 or not self.host_open:
             return b""
         try:
+            inject("vsock.host")
             data = self.sock.recv(n)
         except (BlockingIOError, InterruptedError):
             self.host_readable = False
