@@ -69,12 +69,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--no-api and --api-sock contradict each other: give one of them")
     if (
         getattr(args, "drive", None)
+        or getattr(args, "net", None)
+        or getattr(args, "vsock", None)
         or getattr(args, "rng", False)
         or (getattr(args, "balloon", None) is not None)
     ):
         raise ConfigError(
-            "--drive, --rng and --balloon do not go with --api-sock or --config-file: devices"
-            " come from PUT /drives, /entropy, /balloon (or the config file's keys)"
+            "--drive, --net, --vsock, --rng and --balloon do not go with --api-sock or"
+            " --config-file: devices come from PUT /drives, /network-interfaces, /vsock,"
+            " /entropy, /balloon (or the config file's keys)"
         )
     if not INSTANCE_ID_RE.match(args.instance_id):
         raise ConfigError(f"--id {args.instance_id[:70]!r}: use 1 to 64 letters, digits or '-'")

@@ -346,6 +346,7 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
     for args, message in [
         (["--no-api"], "--no-api needs --config-file"),
         (["--id", "vm1"], "--id names a machine configured through --api-sock"),
+        (["--api-sock", str(tmp_path / "s"), "--net", "tap=tap0"], "do not go with --api-sock"),
         (["--api-sock", str(tmp_path / "s"), "--id", "no spaces"], "use 1 to 64 letters"),
         (["--api-sock", str(tmp_path / "s"), "--guest", "hello"], "--guest does not go with"),
         (["--config-file", str(tmp_path / "missing.json")], "does not exist"),
