@@ -130,6 +130,7 @@ def cmd_run(
         machine = vmm.wait_for_machine()
         return run_machine(machine, args)
     finally:
+        vmm.close()
         if server is not None:
             server.close()
         if vmm.machine is not None:

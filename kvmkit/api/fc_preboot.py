@@ -220,6 +220,7 @@ def put_metrics(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
         raise Fault("metrics are already configured: they can be set once, as in Firecracker")
     check_sink(d["metrics_path"], "metrics_path")
     vmm.metrics = d
+    vmm.start_metrics_timer()
 
 
 def check_sink(path: str, field: str) -> None:

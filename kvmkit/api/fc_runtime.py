@@ -196,7 +196,12 @@ def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
         backend = {"backend_type": "File", "backend_path": d["mem_file_path"]}
     snap = fc_snapshot.open_state(d["snapshot_path"])
     taps = {o["iface_id"]: o["host_dev_name"] for o in d.get("network_overrides") or []}
-    options = RestoreOptions(console=vmm.resources.console.target, net_taps=taps or None)
+    options = RestoreOptions(
+        console=vmm.resources.console.target,
+        net_taps=taps or None,
+        # a vsock PUT before the load (as the Go SDK sends it) moves the saved one there
+        vsock_uds=vmm.vsock["uds_path"] if vmm.vsock is not None else None,
+    )
     source: fc_snapshot.SplitSource | None = None
     try:
         if backend["backend_type"] == "Uffd":

@@ -94,6 +94,10 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
 
         second = FcKvmkit(tmp_path, name="second", tap="tap0")
         c2 = second.client
+        # the Go SDK's restore order: logger, metrics, vsock (a new socket), then the load
+        c2.ok("PUT", "/logger", {"log_path": str(tmp_path / "fc2.log"), "level": "Info"})
+        c2.ok("PUT", "/metrics", {"metrics_path": str(tmp_path / "fc2.metrics")})
+        c2.ok("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v2.sock")})
         c2.ok(
             "PUT",
             "/snapshot/load",
@@ -104,6 +108,7 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
             },
         )
         assert c2.ok("GET", "/")["state"] == "Paused"
+        assert (tmp_path / "v2.sock").exists()  # the restored vsock listens where asked
         assert c2.ok("GET", "/machine-config")["vcpu_count"] == 2
         c2.ok("PATCH", "/vm", {"state": "Resumed"})
         second.wait_console(f"cpu0 n={at_snapshot + 3} ")
