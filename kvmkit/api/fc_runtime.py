@@ -21,7 +21,7 @@ from kvmkit.api.fc_state import (
 )
 from kvmkit.devices.virtio.balloon import VirtioBalloon
 from kvmkit.errors import KvmkitError
-from kvmkit.machine import build_for_boot
+from kvmkit.machine import Machine, build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
 from kvmkit.machine.operations import SNAPSHOT
 from kvmkit.memory.layout import MIB
@@ -177,6 +177,20 @@ def snapshot_create(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None
             machine.resume(SNAPSHOT_HOLDER)
 
 
+def adopt_saved_devices(vmm: VmmState, machine: Machine) -> None:
+    """A restored or received machine brings its own devices: answer for its balloon
+    (GET and PATCH /balloon, statistics) as if it had been PUT here."""
+    for device in machine.devices.values():
+        if isinstance(device, VirtioBalloon):
+            config = device.config
+            vmm.balloon = {
+                "amount_mib": device.target_pages >> 8,
+                "deflate_on_oom": config.deflate_on_oom,
+                "stats_polling_interval_s": config.stats_interval_s,
+                "free_page_reporting": config.free_page_reporting,
+            }
+
+
 def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
     if vmm.started:
         raise Fault("PUT /snapshot/load is only allowed before the microVM starts")
@@ -229,6 +243,7 @@ def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
         vcpu_count=machine.description.vcpus,
         mem_size_mib=machine.description.memory_bytes // MIB,
     )
+    adopt_saved_devices(vmm, machine)
     vmm.set_machine(machine)
 
 
@@ -309,6 +324,7 @@ def put_migrate_receive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> 
             vcpu_count=machine.description.vcpus,
             mem_size_mib=machine.description.memory_bytes // MIB,
         )
+        adopt_saved_devices(vmm, machine)
         vmm.set_machine(machine)
 
     threading.Thread(target=receive, name="kvmkit-migrate-receive", daemon=True).start()

@@ -412,6 +412,10 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
             "/snapshot/load",
             {"snapshot_path": str(state), "mem_file_path": str(mem), "resume_vm": True},
         )
+        # the restored balloon answers as if it had been PUT here
+        balloon = second.client.ok("GET", "/balloon")
+        assert balloon["amount_mib"] == 16 and balloon["stats_polling_interval_s"] == 1
+        second.client.ok("PATCH", "/balloon", {"amount_mib": 0})
         second.proc.stdin.write("echo carried-on\n")
         second.proc.stdin.flush()
         second.wait_console("carried-on\nkvmkit-init: done rc=0", timeout=120)
