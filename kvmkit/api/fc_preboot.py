@@ -3,10 +3,12 @@ interfaces, vsock, entropy, balloon, logger, metrics, the MMDS store, and kvmkit
 boot-program extension. Each fills kvmkit's pre-boot resources (VmResources) and
 keeps what the client sent, for GET /vm/config."""
 
+import os
 from dataclasses import replace
 from typing import Any
 
 from kvmkit.api.fc_state import Fault, VmmState
+from kvmkit.devices.virtio.blk import VirtioBlk
 from kvmkit.machine.resources import (
     BalloonSpec,
     DriveSpec,
@@ -151,6 +153,25 @@ def patch_drive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
             f"drive {drive_id}: changing path_on_host of a running drive is not supported:"
             " kvmkit's virtio-blk cannot swap its backing file; stop, and boot with the new path"
         )
+    if "path_on_host" in d:  # the same path: Firecracker's way to announce a new size
+        machine = vmm.post_boot("PATCH /drives")
+        for device in machine.devices.values():
+            if isinstance(device, VirtioBlk) and device.config.drive_id == drive_id:
+                size = _size_of(d["path_on_host"])
+                if size is not None and size != device.capacity:
+                    raise Fault(
+                        f"drive {drive_id}: {d['path_on_host']} is now {size} bytes, the guest's"
+                        f" disk {device.capacity}: kvmkit cannot tell a running guest of a new"
+                        " size; stop, and boot with the resized file"
+                    )
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    except OSError:
+        return None
 
 
 def put_net(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ real kvmkit processes, real guests (kvmkit's guest programs through the
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -77,6 +78,16 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
         assert config["vsock"]["guest_cid"] == 3
         c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         assert c.ok("GET", "/")["state"] == "Running"
+        disk = {"drive_id": "rootfs", "path_on_host": str(tmp_path / "disk.img")}
+        c.ok("PATCH", "/drives/rootfs", disk)  # the same file, the same size: nothing to do
+        other = {**disk, "path_on_host": str(tmp_path / "other.img")}
+        assert "cannot swap its backing file" in c.fault("PATCH", "/drives/rootfs", other)
+        with open(tmp_path / "disk.img", "ab") as f:
+            f.truncate(2 << 20)
+        assert "cannot tell a running guest of a new size" in c.fault(
+            "PATCH", "/drives/rootfs", disk
+        )
+        os.truncate(tmp_path / "disk.img", 1 << 20)  # as it was, for the restore below
         first.wait_console("cpu0 n=3 ")
         c.ok("PATCH", "/vm", {"state": "Paused"})
         assert c.ok("GET", "/")["state"] == "Paused"
