@@ -20,6 +20,9 @@ from kvmkit.api.fc_state import (
     user_paused,
 )
 from kvmkit.devices.virtio.balloon import VirtioBalloon
+from kvmkit.devices.virtio.blk import VirtioBlk
+from kvmkit.devices.virtio.net import VirtioNet
+from kvmkit.devices.virtio.vsock import VirtioVsock
 from kvmkit.errors import KvmkitError
 from kvmkit.machine import Machine, build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
@@ -178,10 +181,36 @@ def snapshot_create(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None
 
 
 def adopt_saved_devices(vmm: VmmState, machine: Machine) -> None:
-    """A restored or received machine brings its own devices: answer for its balloon
-    (GET and PATCH /balloon, statistics) as if it had been PUT here."""
+    """A restored or received machine brings its own boot record and devices: answer
+    for them (GET /vm/config, GET and PATCH /balloon, PATCH /drives) as if they had
+    been PUT here."""
+    boot = machine.description.boot
+    if boot.kind == "linux":
+        vmm.boot_source = {"kernel_image_path": boot.guest, "boot_args": boot.cmdline}
+    else:
+        vmm.boot_source = {
+            "kvmkit_boot_program": {"guest": boot.guest, "guest_arg": boot.guest_arg}
+        }
     for device in machine.devices.values():
-        if isinstance(device, VirtioBalloon):
+        if isinstance(device, VirtioBlk):
+            blk = device.config
+            vmm.drives[blk.drive_id] = {
+                "drive_id": blk.drive_id,
+                "path_on_host": device.path,
+                "is_root_device": blk.root,
+                "is_read_only": blk.read_only,
+                "cache_type": blk.cache.capitalize(),
+            }
+        elif isinstance(device, VirtioNet):
+            net = device.config
+            vmm.nets[net.iface_id] = {
+                "iface_id": net.iface_id,
+                "host_dev_name": net.tap,
+                "guest_mac": net.mac,
+            }
+        elif isinstance(device, VirtioVsock):
+            vmm.vsock = {"guest_cid": device.config.cid, "uds_path": device.config.uds}
+        elif isinstance(device, VirtioBalloon):
             config = device.config
             vmm.balloon = {
                 "amount_mib": device.target_pages >> 8,

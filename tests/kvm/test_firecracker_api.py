@@ -121,6 +121,12 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
         assert c2.ok("GET", "/")["state"] == "Paused"
         assert (tmp_path / "v2.sock").exists()  # the restored vsock listens where asked
         assert c2.ok("GET", "/machine-config")["vcpu_count"] == 2
+        restored = c2.ok("GET", "/vm/config")  # what the snapshot brought
+        assert restored["kvmkit-boot-program"] == {"guest": "counter", "guest_arg": 0}
+        assert restored["drives"][0]["drive_id"] == "rootfs"
+        assert restored["drives"][0]["is_root_device"] is True
+        assert restored["network-interfaces"][0]["host_dev_name"] == "tap0"
+        assert restored["vsock"]["uds_path"] == str(tmp_path / "v2.sock")
         c2.ok("PATCH", "/vm", {"state": "Resumed"})
         second.wait_console(f"cpu0 n={at_snapshot + 3} ")
         # it carries on where it was saved (the paused console may have ended mid-line)
