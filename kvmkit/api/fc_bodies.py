@@ -132,7 +132,7 @@ LOGGER = Body(
     "logger",
     (
         Field("log_path", "string", description="a file (or FIFO) the API log is appended to"),
-        Field("level", "string", enum=LOG_LEVELS),
+        Field("level", "string", enum=LOG_LEVELS, fold_case=True),
         Field("show_level", "boolean"),
         Field("show_log_origin", "boolean"),
         Field("module", "string"),

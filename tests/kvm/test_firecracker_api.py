@@ -576,8 +576,9 @@ def test_get_vm_config_is_a_config_file_that_boots_the_same_machine(fc, tmp_path
     c.ok("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 48})
     c.ok("PUT", "/kvmkit/boot-program", {"guest": "memtest"})
     c.ok("PUT", "/entropy", {})
-    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "round.log"), "level": "Info"})
+    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "round.log"), "level": "info"})
     config = c.ok("GET", "/vm/config")
+    assert config["logger"]["level"] == "Info"  # matched as Firecracker does, any case
     path = tmp_path / "round.json"
     path.write_text(json.dumps(config))
     run = subprocess.run(
