@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvmkit.api.fc_state import INSTANCE_ID
 from kvmkit.api.firecracker import Fault, FirecrackerVmm
-from kvmkit.api.http import BadRequest, HttpServer, parse_json
+from kvmkit.api.http import MAX_BODY_BYTES, BadRequest, HttpServer, parse_json
 from kvmkit.errors import ConfigError
 from kvmkit.machine import Machine
 from kvmkit.machine.resources import MachineSpec
@@ -52,10 +52,42 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         help="the instance id GET / and the API log show, as Firecracker's --id: 1 to 64"
         f" letters, digits or '-' (default: {INSTANCE_ID})",
     )
+    # Firecracker's own command-line flags, so a script named `firecracker` that runs
+    # `kvmkit run "$@"` serves an orchestrator that starts Firecracker with them.
+    fc.add_argument("--log-path", metavar="PATH", help="as PUT /logger's log_path")
+    fc.add_argument(
+        "--level", metavar="LEVEL", help="as PUT /logger's level (Error ... Trace, Off)"
+    )
+    fc.add_argument("--metrics-path", metavar="PATH", help="as PUT /metrics")
+    fc.add_argument(
+        "--http-api-max-payload-size",
+        type=int,
+        default=MAX_BODY_BYTES,
+        metavar="BYTES",
+        help=f"the largest request body the API takes (default: {MAX_BODY_BYTES})",
+    )
+    fc.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="accepted for Firecracker's command lines: kvmkit installs no seccomp filter",
+    )
+    fc.add_argument(
+        "--seccomp-filter", metavar="FILE", help="refused: kvmkit has no seccomp filters"
+    )
+
+
+FIRECRACKER_ONLY = ("log_path", "level", "metrics_path", "no_seccomp", "seccomp_filter")
 
 
 def wanted(args: argparse.Namespace) -> bool:
-    return bool(args.api_sock or args.config_file or args.no_api or args.instance_id != INSTANCE_ID)
+    return bool(
+        args.api_sock
+        or args.config_file
+        or args.no_api
+        or args.instance_id != INSTANCE_ID
+        or args.http_api_max_payload_size != MAX_BODY_BYTES
+        or any(getattr(args, flag) for flag in FIRECRACKER_ONLY)
+    )
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -63,8 +95,16 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--no-api needs --config-file: nothing else could configure the machine")
     if not (args.api_sock or args.config_file):
         raise ConfigError(
-            "--id names a machine configured through --api-sock or --config-file: give one"
+            "--id, --log-path, --level, --metrics-path and the other Firecracker flags go"
+            " with a machine configured through --api-sock or --config-file: give one"
         )
+    if args.seccomp_filter:
+        raise ConfigError(
+            "--seccomp-filter: kvmkit has no seccomp filters: drop it (or --no-seccomp), and"
+            " sandbox kvmkit yourself"
+        )
+    if not 1024 <= args.http_api_max_payload_size <= 1 << 24:
+        raise ConfigError("--http-api-max-payload-size: give 1024 to 16777216 bytes")
     if args.no_api and args.api_sock:
         raise ConfigError("--no-api and --api-sock contradict each other: give one of them")
     if (
@@ -116,12 +156,23 @@ def cmd_run(
 ) -> int:
     _check_flags(args)
     vmm = FirecrackerVmm(spec, args.console, args.instance_id)
+    flags: dict[str, dict[str, object]] = {}
+    if args.log_path or args.level:
+        flags["logger"] = {
+            **({"log_path": args.log_path} if args.log_path else {}),
+            **({"level": args.level} if args.level else {}),
+        }
+    if args.metrics_path:
+        flags["metrics"] = {"metrics_path": args.metrics_path}
+    vmm.apply_keys(flags, "the command line")
     if args.config_file:
         vmm.apply_config(load_config(args.config_file), f"config file {args.config_file}")
     server = None
     try:
         if args.api_sock:
-            server = HttpServer(args.api_sock, vmm.handle).start()
+            server = HttpServer(
+                args.api_sock, vmm.handle, max_body=args.http_api_max_payload_size
+            ).start()
         if args.config_file:
             try:
                 vmm.start_instance()

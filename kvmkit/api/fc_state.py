@@ -131,6 +131,10 @@ class VmmState:
         threading.Thread(target=tick, name="kvmkit-fc-metrics", daemon=True).start()
 
     def close(self) -> None:
+        """End the metrics timer, with a last flush (as Firecracker's at its exit)."""
+        if not self.closed.is_set() and self.metrics is not None:
+            with contextlib.suppress(Fault):
+                self.flush_metrics()
         self.closed.set()
 
     def flush_metrics(self) -> None:

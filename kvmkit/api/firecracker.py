@@ -102,6 +102,10 @@ class FirecrackerVmm(VmmState):
                 f"{source}: no 'boot-source': add {{\"kernel_image_path\": ...}} (or the"
                 " kvmkit extension 'kvmkit-boot-program')"
             )
+        self.apply_keys(config, source)
+
+    def apply_keys(self, config: dict[str, Any], source: str) -> None:
+        """Apply each known key of `config` through its PUT handler."""
         for key, (method, path, id_field) in CONFIG_KEYS.items():
             if config.get(key) is None:  # GET /vm/config writes null for what is not set
                 continue
@@ -128,6 +132,7 @@ class FirecrackerVmm(VmmState):
     def start_instance(self) -> None:
         with self._lock:
             run.instance_start(self)
+        self._log("Info", "InstanceStart (from the config file): the machine is built")
 
 
 # -- the route table -------------------------------------------------------------------

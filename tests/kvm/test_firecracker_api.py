@@ -343,6 +343,20 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "vCPUs        2" in run.stderr
+    # Firecracker's own flags, as an orchestrator starting `firecracker` passes them
+    del config["logger"]
+    path.write_text(json.dumps(config))
+    flags = ["--id", "vm-2", "--log-path", str(tmp_path / "flag.log"), "--level", "debug"]
+    flags += ["--metrics-path", str(tmp_path / "flag.metrics"), "--no-seccomp"]
+    run = subprocess.run(
+        [*KVMKIT_RUN, "--config-file", str(path), "--no-api", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "[vm-2:kvmkit-api] InstanceStart" in (tmp_path / "flag.log").read_text()
+    assert json.loads((tmp_path / "flag.metrics").read_text().splitlines()[-1])["vmm"]
     for bad, message in [
         ({**config, "machine_config": {}}, "unknown key 'machine_config'"),
         ({"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}, "no 'boot-source'"),
@@ -367,7 +381,8 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
         assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     for args, message in [
         (["--no-api"], "--no-api needs --config-file"),
-        (["--id", "vm1"], "--id names a machine configured through --api-sock"),
+        (["--id", "vm1"], "go with a machine configured through --api-sock"),
+        (["--config-file", str(path), "--seccomp-filter", "f.bpf"], "no seccomp filters"),
         (["--api-sock", str(tmp_path / "s"), "--net", "tap=tap0"], "do not go with --api-sock"),
         (["--api-sock", str(tmp_path / "s"), "--id", "no spaces"], "use 1 to 64 letters"),
         (["--api-sock", str(tmp_path / "s"), "--guest", "hello"], "--guest does not go with"),
