@@ -1,13 +1,20 @@
 """The `kvmkit` command line."""
 
 import argparse
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from kvmkit import __version__, cli_check, cli_firecracker, cli_kernel, cli_migrate, cli_snapshot
+from kvmkit import (
+    __version__,
+    cli_check,
+    cli_firecracker,
+    cli_kernel,
+    cli_migrate,
+    cli_signals,
+    cli_snapshot,
+)
 from kvmkit.cli_args import join_dashed_values, positive_seconds
 from kvmkit.cli_devices import add_device_arguments, apply_device_args
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
@@ -390,7 +397,8 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
             if args.api_socket:
                 from kvmkit.api import server as api  # a run without the API skips it
 
-                server = api.ApiServer(args.api_socket, machine).start()
+                with cli_signals.deferred():  # once bound, the socket is `server`'s to remove
+                    server = api.ApiServer(args.api_socket, machine).start()
             if limit := getattr(args, "run_timeout", None):
                 why = f"stopped: the run reached its --timeout of {limit:g} s"
                 timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
@@ -505,19 +513,15 @@ VALUED = frozenset(
         "--bandwidth",
         "--max-downtime-ms",
         "--max-iterations",
+        "--wait",
         "--jobs",
         "-j",
     }
 )
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)  # end as Ctrl-C does: cleanly, said
+    cli_signals.install()  # SIGTERM ends a command as Ctrl-C does: cleanly, said
     parser = build_parser()
     args = parser.parse_args(join_dashed_values(sys.argv[1:] if argv is None else argv, VALUED))
     if args.command is None:

@@ -12,9 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from kvmkit.api.fc_state import INSTANCE_ID
-from kvmkit.api.firecracker import Fault, FirecrackerVmm
-from kvmkit.api.http import MAX_BODY_BYTES, BadRequest, HttpServer, parse_json
+from kvmkit import cli_signals
 from kvmkit.errors import ConfigError
 from kvmkit.machine import Machine
 from kvmkit.machine.resources import MachineSpec
@@ -47,10 +45,9 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     fc.add_argument(
         "--id",
         dest="instance_id",
-        default=INSTANCE_ID,
         metavar="ID",
         help="the instance id GET / and the API log show, as Firecracker's --id: 1 to 64"
-        f" letters, digits or '-' (default: {INSTANCE_ID})",
+        " letters, digits or '-' (default: anonymous-instance)",
     )
     # Firecracker's own command-line flags, so a script named `firecracker` that runs
     # `kvmkit run "$@"` serves an orchestrator that starts Firecracker with them.
@@ -62,9 +59,8 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     fc.add_argument(
         "--http-api-max-payload-size",
         type=int,
-        default=MAX_BODY_BYTES,
         metavar="BYTES",
-        help=f"the largest request body the API takes (default: {MAX_BODY_BYTES})",
+        help="the largest request body the API takes (default: 51200, Firecracker's)",
     )
     fc.add_argument(
         "--no-seccomp",
@@ -84,8 +80,8 @@ def wanted(args: argparse.Namespace) -> bool:
         args.api_sock
         or args.config_file
         or args.no_api
-        or args.instance_id != INSTANCE_ID
-        or args.http_api_max_payload_size != MAX_BODY_BYTES
+        or args.instance_id is not None
+        or args.http_api_max_payload_size is not None
         or any(getattr(args, flag) for flag in FIRECRACKER_ONLY)
     )
 
@@ -103,7 +99,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             "--seccomp-filter: kvmkit has no seccomp filters: drop it (or --no-seccomp), and"
             " sandbox kvmkit yourself"
         )
-    if not 1024 <= args.http_api_max_payload_size <= 1 << 24:
+    size = args.http_api_max_payload_size
+    if size is not None and not 1024 <= size <= 1 << 24:
         raise ConfigError("--http-api-max-payload-size: give 1024 to 16777216 bytes")
     if args.no_api and args.api_sock:
         raise ConfigError("--no-api and --api-sock contradict each other: give one of them")
@@ -119,7 +116,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             " --config-file: devices come from PUT /drives, /network-interfaces, /vsock,"
             " /entropy, /balloon (or the config file's keys)"
         )
-    if not INSTANCE_ID_RE.match(args.instance_id):
+    if args.instance_id is not None and not INSTANCE_ID_RE.match(args.instance_id):
         raise ConfigError(f"--id {args.instance_id[:70]!r}: use 1 to 64 letters, digits or '-'")
     for flag in BOOT_FLAGS:
         if getattr(args, flag, None):
@@ -131,6 +128,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def load_config(path: str) -> object:
+    from kvmkit.api.http import BadRequest, parse_json  # only for a config file
+
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -154,8 +153,13 @@ def cmd_run(
     spec: MachineSpec,
     run_machine: Callable[[Machine, argparse.Namespace], int],
 ) -> int:
+    from kvmkit.api.fc_state import INSTANCE_ID  # a plain run skips these imports
+    from kvmkit.api.firecracker import Fault, FirecrackerVmm
+    from kvmkit.api.http import MAX_BODY_BYTES, HttpServer
+
     _check_flags(args)
-    vmm = FirecrackerVmm(spec, args.console, args.instance_id)
+    max_body = args.http_api_max_payload_size or MAX_BODY_BYTES
+    vmm = FirecrackerVmm(spec, args.console, args.instance_id or INSTANCE_ID)
     flags: dict[str, dict[str, object]] = {}
     if args.log_path or args.level:
         flags["logger"] = {
@@ -170,9 +174,8 @@ def cmd_run(
     server = None
     try:
         if args.api_sock:
-            server = HttpServer(
-                args.api_sock, vmm.handle, max_body=args.http_api_max_payload_size
-            ).start()
+            with cli_signals.deferred():  # once bound, the socket is `server`'s to remove
+                server = HttpServer(args.api_sock, vmm.handle, max_body=max_body).start()
         if args.config_file:
             try:
                 vmm.start_instance()

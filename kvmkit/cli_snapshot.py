@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kvmkit.api.client import call
+from kvmkit.api.client import CONNECT_TIMEOUT_S, call
+from kvmkit.cli_args import positive_seconds
 from kvmkit.cli_devices import add_restore_device_arguments, parse_drive_paths, parse_net_taps
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
@@ -36,8 +37,9 @@ CTL_TIMEOUT_S = 60.0  # a pause waits at most 10 s for the vCPUs; a hung machine
 CTL_EPILOG = """\
 requests:
   status   the machine's state (created, running, paused, stopped), vCPUs, memory,
-           uptime, who holds it paused (paused_by), where it was restored or
-           migrated from, and how the run ended
+           uptime, who holds it paused (paused_by), the operation in progress
+           (in_progress), where it was restored or migrated from, and how the run
+           ended
   pause    stop every vCPU at a clean point and wait for it; the machine stays
            paused until a resume (a second pause changes nothing)
   resume   let a paused machine run again
@@ -56,8 +58,9 @@ four above it takes:
   {"cmd": "migrate", "to": ADDRESS, "max_downtime_ms": N, "bandwidth_bps": N,
    "max_iterations": N, "auto_converge": BOOL}
            what 'kvmkit migrate send' sends
-each answer is {"ok": true, ...} or {"ok": false, "error": "..."}; long requests send
-{"event": {...}} lines before it, and are cancelled if the client goes away.
+each answer is {"ok": true, ...} or {"ok": false, "error": "..."} ("retry": true when
+the machine is too busy to take it: try again); long requests send {"event": {...}}
+lines before it, and are cancelled if the client goes away.
 
 examples:
   kvmkit ctl status --socket /tmp/vm.sock
@@ -151,10 +154,18 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
         help="status, pause, resume or stop (see below)",
     )
     ctl.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
+    ctl.add_argument(
+        "--wait",
+        type=positive_seconds,
+        default=CONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long to keep trying while the machine's control queue is full"
+        f" (default {CONNECT_TIMEOUT_S:g})",
+    )
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S)
+    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S, connect_timeout_s=args.wait)
     print(json.dumps(reply, indent=2))
     return 0
 

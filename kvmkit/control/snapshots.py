@@ -7,6 +7,7 @@ only if it is a kvmkit snapshot: anything else at the path is never overwritten.
 """
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -26,6 +27,7 @@ from kvmkit.snapshot.machine_state import ProgressFn, read_memory
 from kvmkit.snapshot.model import MachineDescription, MachineState
 
 SNAPSHOT = "snapshot"  # the pause holder while a snapshot is written
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on a file name and a path, in bytes
 
 
 def take_snapshot(
@@ -74,13 +76,32 @@ def take_snapshot(
 
 
 def check_replaceable(path: str | os.PathLike[str], replace: bool) -> None:
-    """Refuse to write over an existing file unless `replace`, and over a file that is
-    not a kvmkit snapshot at all (a typo'd path must never destroy a disk image)."""
+    """Refuse a path no file can have (a NUL byte, a name over NAME_MAX bytes, the
+    whole over PATH_MAX) before any work; refuse to write over an existing file unless
+    `replace`, and over a file that is not a kvmkit snapshot at all (a typo'd path
+    must never destroy a disk image)."""
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ConfigError(f"snapshot path {os.fsdecode(raw)!r} contains a NUL byte")
+    longest = max((len(part) for part in raw.split(b"/")), default=0)
+    if longest > NAME_MAX or len(raw) >= PATH_MAX:
+        raise ConfigError(
+            f"snapshot path {os.fsdecode(raw)[:80]}... is too long ({len(raw)} bytes, a name"
+            f" of {longest}; the most is {PATH_MAX - 1} and {NAME_MAX} for a name)"
+        )
     if not os.path.lexists(path) or os.path.isdir(path):
         return  # a directory is refused by the writer, naming it
     try:
-        with open(path, "rb") as f:
-            start = f.read(len(MAGIC))
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO, a device: never opened
+            raise ConfigError(
+                f"{path} exists and is not a regular file: kvmkit never replaces it;"
+                " choose another path"
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            start = os.read(fd, len(MAGIC))
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ConfigError(
             f"{path} exists and cannot be read ({e.strerror}): choose another path"

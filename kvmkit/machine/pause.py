@@ -116,9 +116,10 @@ class PauseGate:
                 missing = sorted(self._expected - self._parked - self._gone)
                 if not already:
                     self._drop(holder)
+                what = "the earlier pause stays" if already else "the pause was withdrawn"
                 raise PauseTimeout(
                     f"vCPUs {missing} did not stop within {timeout_s:g} s of the pause request;"
-                    " the pause was withdrawn"
+                    f" {what}"
                 )
 
     def release(self, holder: str) -> bool:

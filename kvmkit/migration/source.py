@@ -158,18 +158,27 @@ def migrate(
     if max_downtime_ms <= 0:
         raise MigrationError("the downtime target must be a positive number of milliseconds")
     address = parse_address(to)
+    notify = progress or (lambda event: None)
     # One at a time (kvmkit/machine/operations.py): a second migration, a snapshot, a
-    # user's pause or resume are refused while this one runs.
-    with machine.operations.begin(MIGRATION):
-        return _SourceMigration(
+    # user's pause or resume are refused while this one runs; a stop cancels it (at its
+    # next progress event, before the go: past it, nothing undoes the migration).
+    with machine.operations.begin(MIGRATION) as operation:
+
+        def checked(event: dict[str, Any]) -> None:
+            if not migration.go_sent:
+                operation.check()
+            notify(event)
+
+        migration = _SourceMigration(
             machine,
             address,
             max_downtime_ms,
             bandwidth_bps,
             auto_converge,
             max_iterations,
-            progress or (lambda event: None),
-        ).run()
+            checked,
+        )
+        return migration.run()
 
 
 class _SourceMigration:

@@ -199,6 +199,7 @@ def test_1000_concurrent_clients_mixing_requests(tmp_path):
         assert answered >= 100
         assert inspect(snap)["checksums"].endswith("verified")
         settle(lambda: vm.threads() <= threads and vm.fds() <= fds)
+        print(f"threads {threads} -> {vm.threads()}, fds {fds} -> {vm.fds()}")
         runs_on_intact(vm)
         call(vm.socket, "stop")
         assert vm.wait() == 0

@@ -130,6 +130,8 @@ def test_a_full_queue_makes_clients_wait_then_say_so(tmp_path):
     queued: list[socket.socket] = []
     try:
         vm.p.send_signal(signal.SIGSTOP)
+        with pytest.raises(KvmkitError, match="did not answer 'status' within 0.5 s"):
+            call(vm.socket, "status", timeout_s=0.5)  # queued, never answered
         while True:  # fill the backlog until connecting would block
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setblocking(False)
@@ -142,6 +144,16 @@ def test_a_full_queue_makes_clients_wait_then_say_so(tmp_path):
         assert len(queued) > 8  # not the old backlog of 8
         with pytest.raises(KvmkitError, match="did not take 'status' within 0.5 s"):
             call(vm.socket, "status", connect_timeout_s=0.5)
+        ctl = subprocess.run(
+            [sys.executable, "-m", "kvmkit", "ctl", "status", "--socket", vm.socket]
+            + ["--wait", "1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ctl.returncode == 1, ctl.stderr
+        assert ctl.stderr.startswith(f"kvmkit: error: the kvmkit at {vm.socket} did not take")
+        assert "it may be overloaded or hung" in ctl.stderr and "Traceback" not in ctl.stderr
         answers: list[str] = []
         waiter = threading.Thread(
             target=lambda: answers.append(call(vm.socket, "status")["state"]), daemon=True

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from kvmkit.api.client import ApiCallError, call
+from kvmkit.faults import active_plan, load_plan
+from kvmkit.machine.pause import PauseTimeout
 
 from .migration_helpers import KVMKIT, Source, Target, free_port, send, send_in_background
-from .snapshot_helpers import assert_counter_output
+from .snapshot_helpers import Running, assert_counter_output, counter_config
 
 STEPS = 4000  # several seconds for one vCPU: every refusal is asked well before the end
 MIB = 1 << 20
@@ -203,3 +205,41 @@ def test_ctrl_c_on_snapshot_create_cancels_it(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir() if "snap" in p.name) == ["vm.snap"]
     finally:
         source.kill()
+
+
+def test_a_pause_that_timed_out_never_takes_effect_later(tmp_path):
+    """A vCPU held 3 s in a device handler (a planned delay) misses a 0.5 s pause: the
+    pause fails, leaves no hold, and the machine is not paused when the vCPU gets
+    back; a later pause works as usual."""
+    console = tmp_path / "a.txt"
+    with active_plan(load_plan(["device.io:delay=3s@once"])) as plan:
+        run = Running(counter_config(console, 0))
+        try:
+            wait_until(lambda: plan.log, "the delay")  # the vCPU is in it now
+            with pytest.raises(PauseTimeout, match="the pause was withdrawn"):
+                run.machine.pause(timeout_s=0.5)
+            assert run.machine.gate.holders == []
+            wait_until(lambda: console.read_text().count("\n") > 100, "the guest going on")
+            assert run.machine.status()["state"] == "running"
+            run.machine.pause()
+            assert run.machine.status()["paused_by"] == ["user"]
+        finally:
+            run.kill()
+
+
+def test_stop_during_a_migration_cancels_it_and_stops(tmp_path):
+    listen = f"tcp:127.0.0.1:{free_port()}"
+    source = Source(tmp_path, "dirtier", (8 << 32) | 20, "--memory-backend", "guest_memfd")
+    target = Target(tmp_path, listen)
+    sender = send_in_background(source, listen, "--bandwidth", "4M")
+    try:
+        wait_until(lambda: in_progress(source) == ["migration"], "the migration")
+        assert call(source.socket, "stop")["state"] == "stopped"
+        _, err = sender.communicate(timeout=60)
+        assert sender.returncode == 1 and "this VM is stopped" in err, err
+        assert source.wait() == 0 and "stopped through the control API" in source.output
+        assert target.wait() == 1 and "nothing was started here" in target.output
+    finally:
+        sender.kill()
+        source.kill()
+        target.kill()
