@@ -118,6 +118,7 @@ class VmmState:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         shown = f":{level.upper()}" if cfg.get("show_level") else ""
+        message = "".join(c if c.isprintable() else "?" for c in message)  # one line, always
         append_line(cfg["log_path"], f"{stamp} [{self.instance_id}:kvmkit-api{shown}] {message}\n")
 
     def start_metrics_timer(self) -> None:

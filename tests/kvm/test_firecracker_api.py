@@ -143,6 +143,7 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
 
 def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_path):
     c = fc.client
+    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "errors.log"), "level": "Info"})
     # before boot: post-boot operations, bad bodies, a missing kernel
     assert "not started" in c.fault("PATCH", "/vm", {"state": "Paused"})
     assert "InstanceStart" in c.fault(
@@ -189,6 +190,13 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
     big.close()
     assert answer.startswith(b"HTTP/1.1 413") and b"at most 51200" in answer
     assert "no such path" in c.fault("GET", "/nope", status=404)
+    raw = socket.socket(socket.AF_UNIX)  # a path with a CR in it: answered, logged on one line
+    raw.connect(str(fc.sock))
+    raw.sendall(b"PUT /drives/a\rb HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+    raw.close()
+    log = (tmp_path / "errors.log").read_text().splitlines()
+    assert log and all(line.startswith("20") for line in log), log
     assert "it takes PATCH" in c.fault("DELETE", "/vm", status=405)
     # the MMDS store
     c.ok("PUT", "/mmds", {"latest": {"meta-data": {"id": "i-1", "zone": "a"}}})
