@@ -27,7 +27,7 @@ def _machine_config(required: bool) -> tuple[Field, ...]:
             nullable=True,
             description="a CPU template: kvmkit takes only None (the host's CPUID, adjusted)",
         ),
-        Field("track_dirty_pages", "boolean", description="dirty page tracking (Diff snapshots)"),
+        Field("track_dirty_pages", "boolean", description="false only: no Diff snapshots"),
         Field(
             "huge_pages",
             "string",
@@ -132,7 +132,7 @@ LOGGER = Body(
     "logger",
     (
         Field("log_path", "string", description="a file (or FIFO) the API log is appended to"),
-        Field("level", "string", enum=LOG_LEVELS),
+        Field("level", "string", enum=LOG_LEVELS, fold_case=True),
         Field("show_level", "boolean"),
         Field("show_log_origin", "boolean"),
         Field("module", "string"),

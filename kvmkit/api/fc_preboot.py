@@ -3,10 +3,12 @@ interfaces, vsock, entropy, balloon, logger, metrics, the MMDS store, and kvmkit
 boot-program extension. Each fills kvmkit's pre-boot resources (VmResources) and
 keeps what the client sent, for GET /vm/config."""
 
+import os
 from dataclasses import replace
 from typing import Any
 
 from kvmkit.api.fc_state import Fault, VmmState
+from kvmkit.devices.virtio.blk import VirtioBlk
 from kvmkit.machine.resources import (
     BalloonSpec,
     DriveSpec,
@@ -41,6 +43,11 @@ def patch_machine_config(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) ->
 def machine_config(vmm: VmmState, d: dict[str, Any], defaults: dict[str, Any]) -> None:
     if d.get("smt"):
         raise Fault("machine-config: smt true is not supported: kvmkit gives one thread a core")
+    if d.get("track_dirty_pages"):
+        raise Fault(
+            "machine-config: track_dirty_pages true is not supported: kvmkit writes Full"
+            " snapshots only (it tracks dirty pages by itself while migrating)"
+        )
     template = d.get("cpu_template")
     if template not in (None, "None"):
         raise Fault(
@@ -96,12 +103,12 @@ def put_boot_program(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Non
 
 
 def check_id(p: dict[str, str], d: dict[str, Any], field: str) -> str:
-    if d[field] != p["id"]:
+    if d[field] != p[field]:
         raise Fault(
-            f"the body's {field} {d[field][:40]!r} differs from the path's {p['id'][:40]!r}:"
+            f"the body's {field} {d[field][:40]!r} differs from the path's {p[field][:40]!r}:"
             " give the same id"
         )
-    return p["id"]
+    return p[field]
 
 
 def refuse_rate_limiters(what: str, d: dict[str, Any], *names: str) -> None:
@@ -146,6 +153,25 @@ def patch_drive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
             f"drive {drive_id}: changing path_on_host of a running drive is not supported:"
             " kvmkit's virtio-blk cannot swap its backing file; stop, and boot with the new path"
         )
+    if "path_on_host" in d:  # the same path: Firecracker's way to announce a new size
+        machine = vmm.post_boot("PATCH /drives")
+        for device in machine.devices.values():
+            if isinstance(device, VirtioBlk) and device.config.drive_id == drive_id:
+                size = _size_of(d["path_on_host"])
+                if size is not None and size != device.capacity:
+                    raise Fault(
+                        f"drive {drive_id}: {d['path_on_host']} is now {size} bytes, the guest's"
+                        f" disk {device.capacity}: kvmkit cannot tell a running guest of a new"
+                        " size; stop, and boot with the resized file"
+                    )
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    except OSError:
+        return None
 
 
 def put_net(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
@@ -202,6 +228,7 @@ def put_balloon(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
 
 
 def put_logger(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
+    vmm.pre_boot("PUT /logger")
     path = d.get("log_path")
     if path is not None:
         check_sink(path, "log_path")
@@ -209,10 +236,12 @@ def put_logger(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
 
 
 def put_metrics(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
+    vmm.pre_boot("PUT /metrics")
     if vmm.metrics is not None:
         raise Fault("metrics are already configured: they can be set once, as in Firecracker")
     check_sink(d["metrics_path"], "metrics_path")
     vmm.metrics = d
+    vmm.start_metrics_timer()
 
 
 def check_sink(path: str, field: str) -> None:

@@ -13,7 +13,6 @@ from kvmkit.api import fc_snapshot
 from kvmkit.api.fc_preboot import get_machine_config
 from kvmkit.api.fc_state import (
     FC_API_VERSION,
-    INSTANCE_ID,
     SNAPSHOT_HOLDER,
     START_WAIT_S,
     Fault,
@@ -21,8 +20,11 @@ from kvmkit.api.fc_state import (
     user_paused,
 )
 from kvmkit.devices.virtio.balloon import VirtioBalloon
+from kvmkit.devices.virtio.blk import VirtioBlk
+from kvmkit.devices.virtio.net import VirtioNet
+from kvmkit.devices.virtio.vsock import VirtioVsock
 from kvmkit.errors import KvmkitError
-from kvmkit.machine import build_for_boot
+from kvmkit.machine import Machine, build_for_boot
 from kvmkit.machine.builder import RestoreOptions, build_from_saved
 from kvmkit.machine.operations import SNAPSHOT
 from kvmkit.memory.layout import MIB
@@ -30,7 +32,7 @@ from kvmkit.memory.layout import MIB
 
 def get_root(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> Any:
     return {
-        "id": INSTANCE_ID,
+        "id": vmm.instance_id,
         "state": vmm.state(),
         "vmm_version": __version__,
         "app_name": "kvmkit",
@@ -178,6 +180,46 @@ def snapshot_create(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None
             machine.resume(SNAPSHOT_HOLDER)
 
 
+def adopt_saved_devices(vmm: VmmState, machine: Machine) -> None:
+    """A restored or received machine brings its own boot record and devices: answer
+    for them (GET /vm/config, GET and PATCH /balloon, PATCH /drives) as if they had
+    been PUT here."""
+    boot = machine.description.boot
+    if boot.kind == "linux":
+        vmm.boot_source = {"kernel_image_path": boot.guest, "boot_args": boot.cmdline}
+    else:
+        vmm.boot_source = {
+            "kvmkit_boot_program": {"guest": boot.guest, "guest_arg": boot.guest_arg}
+        }
+    for device in machine.devices.values():
+        if isinstance(device, VirtioBlk):
+            blk = device.config
+            vmm.drives[blk.drive_id] = {
+                "drive_id": blk.drive_id,
+                "path_on_host": device.path,
+                "is_root_device": blk.root,
+                "is_read_only": blk.read_only,
+                "cache_type": blk.cache.capitalize(),
+            }
+        elif isinstance(device, VirtioNet):
+            net = device.config
+            vmm.nets[net.iface_id] = {
+                "iface_id": net.iface_id,
+                "host_dev_name": net.tap,
+                "guest_mac": net.mac,
+            }
+        elif isinstance(device, VirtioVsock):
+            vmm.vsock = {"guest_cid": device.config.cid, "uds_path": device.config.uds}
+        elif isinstance(device, VirtioBalloon):
+            config = device.config
+            vmm.balloon = {
+                "amount_mib": device.target_pages >> 8,
+                "deflate_on_oom": config.deflate_on_oom,
+                "stats_polling_interval_s": config.stats_interval_s,
+                "free_page_reporting": config.free_page_reporting,
+            }
+
+
 def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
     if vmm.started:
         raise Fault("PUT /snapshot/load is only allowed before the microVM starts")
@@ -197,7 +239,12 @@ def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
         backend = {"backend_type": "File", "backend_path": d["mem_file_path"]}
     snap = fc_snapshot.open_state(d["snapshot_path"])
     taps = {o["iface_id"]: o["host_dev_name"] for o in d.get("network_overrides") or []}
-    options = RestoreOptions(console=vmm.resources.console.target, net_taps=taps or None)
+    options = RestoreOptions(
+        console=vmm.resources.console.target,
+        net_taps=taps or None,
+        # a vsock PUT before the load (as the Go SDK sends it) moves the saved one there
+        vsock_uds=vmm.vsock["uds_path"] if vmm.vsock is not None else None,
+    )
     source: fc_snapshot.SplitSource | None = None
     try:
         if backend["backend_type"] == "Uffd":
@@ -225,6 +272,7 @@ def snapshot_load(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> None:
         vcpu_count=machine.description.vcpus,
         mem_size_mib=machine.description.memory_bytes // MIB,
     )
+    adopt_saved_devices(vmm, machine)
     vmm.set_machine(machine)
 
 
@@ -305,6 +353,7 @@ def put_migrate_receive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> 
             vcpu_count=machine.description.vcpus,
             mem_size_mib=machine.description.memory_bytes // MIB,
         )
+        adopt_saved_devices(vmm, machine)
         vmm.set_machine(machine)
 
     threading.Thread(target=receive, name="kvmkit-migrate-receive", daemon=True).start()

@@ -2,6 +2,7 @@
 pre-boot resources and what the API was told (to answer GET /vm/config as given),
 then the running machine; the API's logger and metrics."""
 
+import contextlib
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ DEFAULT_MEM_MIB = 128  # Firecracker's default machine-config
 INSTANCE_ID = "anonymous-instance"
 SNAPSHOT_HOLDER = "fc-snapshot"
 START_WAIT_S = 10.0
+METRICS_PERIOD_S = 60.0  # Firecracker's periodic metrics flush
 PRE_BOOT = "is only allowed before InstanceStart: the microVM is already running"
 POST_BOOT = "is only allowed after InstanceStart: the microVM is not started yet"
 
@@ -34,7 +36,13 @@ class Fault(Exception):
 class VmmState:
     """The state of one microVM as Firecracker's API sees it."""
 
-    def __init__(self, machine_spec: MachineSpec | None = None, console: str | None = None) -> None:
+    def __init__(
+        self,
+        machine_spec: MachineSpec | None = None,
+        console: str | None = None,
+        instance_id: str = INSTANCE_ID,
+    ) -> None:
+        self.instance_id = instance_id
         spec = machine_spec or MachineSpec()
         spec = replace(spec, memory_bytes=DEFAULT_MEM_MIB * MIB)
         self.resources = VmResources(machine=spec)
@@ -61,6 +69,7 @@ class VmmState:
         self.machine: Machine | None = None
         self.ready = threading.Event()  # set once `machine` exists
         self.requests = 0
+        self.closed = threading.Event()  # the metrics timer ends with it
         self.migration: dict[str, Any] | None = None  # GET /kvmkit/migration
         self.receiving = False  # PUT /kvmkit/migrate-receive is waiting for a source
         self._lock = threading.RLock()
@@ -109,7 +118,25 @@ class VmmState:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         shown = f":{level.upper()}" if cfg.get("show_level") else ""
-        append_line(cfg["log_path"], f"{stamp} [{INSTANCE_ID}:kvmkit-api{shown}] {message}\n")
+        message = "".join(c if c.isprintable() else "?" for c in message)  # one line, always
+        append_line(cfg["log_path"], f"{stamp} [{self.instance_id}:kvmkit-api{shown}] {message}\n")
+
+    def start_metrics_timer(self) -> None:
+        """Flush the metrics every METRICS_PERIOD_S, as Firecracker does, until `close`."""
+
+        def tick() -> None:
+            while not self.closed.wait(METRICS_PERIOD_S):
+                with contextlib.suppress(Fault):
+                    self.flush_metrics()
+
+        threading.Thread(target=tick, name="kvmkit-fc-metrics", daemon=True).start()
+
+    def close(self) -> None:
+        """End the metrics timer, with a last flush (as Firecracker's at its exit)."""
+        if not self.closed.is_set() and self.metrics is not None:
+            with contextlib.suppress(Fault):
+                self.flush_metrics()
+        self.closed.set()
 
     def flush_metrics(self) -> None:
         if self.metrics is None:

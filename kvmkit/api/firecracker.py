@@ -102,6 +102,10 @@ class FirecrackerVmm(VmmState):
                 f"{source}: no 'boot-source': add {{\"kernel_image_path\": ...}} (or the"
                 " kvmkit extension 'kvmkit-boot-program')"
             )
+        self.apply_keys(config, source)
+
+    def apply_keys(self, config: dict[str, Any], source: str) -> None:
+        """Apply each known key of `config` through its PUT handler."""
         for key, (method, path, id_field) in CONFIG_KEYS.items():
             if config.get(key) is None:  # GET /vm/config writes null for what is not set
                 continue
@@ -115,7 +119,7 @@ class FirecrackerVmm(VmmState):
                         raise ConfigError(
                             f"{source}: every entry of '{key}' needs a string '{id_field}'"
                         )
-                    params["id"] = item[id_field]
+                    params[id_field] = item[id_field]
                 route = ROUTE_BY_KEY[(method, path)]
                 try:
                     assert route.body is not None
@@ -128,6 +132,7 @@ class FirecrackerVmm(VmmState):
     def start_instance(self) -> None:
         with self._lock:
             run.instance_start(self)
+        self._log("Info", "InstanceStart (from the config file): the machine is built")
 
 
 # -- the route table -------------------------------------------------------------------
@@ -150,12 +155,16 @@ ROUTES: dict[Route, Handler] = {
         pre.patch_machine_config
     ),
     Route("PUT", "/boot-source", "the kernel (pre-boot)", B.BOOT_SOURCE): pre.put_boot_source,
-    Route("PUT", "/drives/{id}", "a virtio-blk drive (pre-boot)", B.DRIVE): pre.put_drive,
-    Route("PATCH", "/drives/{id}", "change a drive (post-boot)", B.DRIVE_PATCH): pre.patch_drive,
+    Route("PUT", "/drives/{drive_id}", "a virtio-blk drive (pre-boot)", B.DRIVE): pre.put_drive,
     Route(
-        "PUT", "/network-interfaces/{id}", "a virtio-net on a tap (pre-boot)", B.NET
+        "PATCH", "/drives/{drive_id}", "change a drive (post-boot)", B.DRIVE_PATCH
+    ): pre.patch_drive,
+    Route(
+        "PUT", "/network-interfaces/{iface_id}", "a virtio-net on a tap (pre-boot)", B.NET
     ): pre.put_net,
-    Route("PATCH", "/network-interfaces/{id}", "change an interface", B.NET_PATCH): pre.patch_net,
+    Route(
+        "PATCH", "/network-interfaces/{iface_id}", "change an interface", B.NET_PATCH
+    ): pre.patch_net,
     Route("PUT", "/vsock", "a virtio-vsock (pre-boot)", B.VSOCK): pre.put_vsock,
     Route("PUT", "/entropy", "a virtio-rng (pre-boot)", B.ENTROPY): pre.put_entropy,
     Route("GET", "/balloon", "the balloon's configuration", None, False, "json", B.BALLOON): (
@@ -218,17 +227,15 @@ CONFIG_KEYS: dict[str, tuple[str, str, str | None]] = {
     "machine-config": ("PUT", "/machine-config", None),
     "boot-source": ("PUT", "/boot-source", None),
     "kvmkit-boot-program": ("PUT", "/kvmkit/boot-program", None),
-    "drives": ("PUT", "/drives/{id}", "drive_id"),
-    "network-interfaces": ("PUT", "/network-interfaces/{id}", "iface_id"),
+    "drives": ("PUT", "/drives/{drive_id}", "drive_id"),
+    "network-interfaces": ("PUT", "/network-interfaces/{iface_id}", "iface_id"),
     "vsock": ("PUT", "/vsock", None),
     "balloon": ("PUT", "/balloon", None),
     "entropy": ("PUT", "/entropy", None),
     "mmds-config": ("PUT", "/mmds/config", None),
 }
-_PATTERNS = [
-    (r, re.compile("^" + re.sub(r"\\\{id\\\}", r"(?P<id>[^/]+)", re.escape(r.path)) + "$"))
-    for r in ROUTES
-]
+PARAM = re.compile(r"\{(\w+)\}")  # a path parameter, as Firecracker names it: {drive_id}
+_PATTERNS = [(r, re.compile("^" + PARAM.sub(r"(?P<\1>[^/]+)", r.path) + "$")) for r in ROUTES]
 
 
 def match(method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:

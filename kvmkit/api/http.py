@@ -171,7 +171,10 @@ class _Reader:
 
 
 def _read_request(
-    reader: _Reader, conn: socket.socket, started: Callable[[], None] = lambda: None
+    reader: _Reader,
+    conn: socket.socket,
+    started: Callable[[], None] = lambda: None,
+    max_body: int = MAX_BODY_BYTES,
 ) -> Request | None:
     """One request; None when the client closed between requests. `started` is called
     when its first byte arrives (the connection is no longer idle)."""
@@ -215,8 +218,8 @@ def _read_request(
     if not length_text.isdigit() or len(length_text) > 12:
         raise BadRequest(400, "Content-Length is not a number")
     length = int(length_text)
-    if length > MAX_BODY_BYTES:
-        raise BadRequest(413, f"the body is {length} bytes: kvmkit takes at most {MAX_BODY_BYTES}")
+    if length > max_body:
+        raise BadRequest(413, f"the body is {length} bytes: kvmkit takes at most {max_body}")
     if length and headers.get("expect", "").lower() == "100-continue":
         conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = reader.exactly(length)
@@ -248,9 +251,14 @@ class HttpServer:
     """Serves `app` at `path` until `close()`."""
 
     def __init__(
-        self, path: str | os.PathLike[str], app: App, what: str = "the API socket"
+        self,
+        path: str | os.PathLike[str],
+        app: App,
+        what: str = "the API socket",
+        max_body: int = MAX_BODY_BYTES,
     ) -> None:
         self.path = Path(path)
+        self.max_body = max_body
         self.app = app
         claim_unix_path(self.path, what)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -344,7 +352,7 @@ class HttpServer:
             with self._lock:
                 self._idle_since[conn] = time.monotonic()
             try:
-                request = _read_request(reader, conn, started)
+                request = _read_request(reader, conn, started, self.max_body)
             except BadRequest as e:
                 conn.sendall(_encode(fault(e.status, str(e)), False))
                 return

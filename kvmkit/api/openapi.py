@@ -6,7 +6,7 @@ disagree); served at GET /openapi.json. kvmkit's own paths and fields are marked
 from typing import Any
 
 from kvmkit import __version__
-from kvmkit.api.firecracker import FC_API_VERSION, ROUTES, Route
+from kvmkit.api.firecracker import FC_API_VERSION, PARAM, ROUTES, Route
 
 FAULT = {
     "description": "refused: the message says why and what to do",
@@ -38,14 +38,16 @@ def _operation(route: Route) -> dict[str, Any]:
         op["responses"]["204"] = {"description": "done"}
     if route.kvmkit:
         op["x-kvmkit-extension"] = True
-    if "{id}" in route.path:
+    names = PARAM.findall(route.path)
+    if names:
         op["parameters"] = [
             {
-                "name": "id",
+                "name": name,
                 "in": "path",
                 "required": True,
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
             }
+            for name in names
         ]
     if route.body is not None:
         op["requestBody"] = {
@@ -56,7 +58,7 @@ def _operation(route: Route) -> dict[str, Any]:
 
 
 def _camel(path: str) -> str:
-    words = [w for w in path.replace("{id}", "by-id").replace("/", "-").split("-") if w]
+    words = [w for w in PARAM.sub("by-id", path).replace("/", "-").split("-") if w]
     words = [w.split(".")[0] for w in words]
     return "".join(w.capitalize() for w in words) or "Root"
 

@@ -30,6 +30,7 @@ class Field:
     fields: "tuple[Field, ...] | None" = None  # an object's fields (None: any object)
     items: "Field | None" = None  # an array's item
     kvmkit: bool = False  # a kvmkit extension, not in Firecracker's API
+    fold_case: bool = False  # an enum matched case-insensitively, given back as declared
 
     def check(self, value: Any, where: str) -> Any:
         label = f"{where}{self.name}"
@@ -41,6 +42,8 @@ class Field:
         ok = isinstance(value, python) and not (python is int and isinstance(value, bool))
         if not ok:
             raise SchemaError(f"field '{label}' must be {_a(self.kind)}, not {_json_type(value)}")
+        if self.enum is not None and self.fold_case and isinstance(value, str):
+            value = next((v for v in self.enum if v.lower() == value.lower()), value)
         if self.enum is not None and value not in self.enum:
             shown = ", ".join(repr(v) if not isinstance(v, str) else v for v in self.enum)
             raise SchemaError(f"field '{label}' is {_short(value)}: use one of {shown}")

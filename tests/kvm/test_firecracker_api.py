@@ -4,6 +4,7 @@ real kvmkit processes, real guests (kvmkit's guest programs through the
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -58,12 +59,17 @@ def _steps(text, cpu):
 
 
 def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
-    first = FcKvmkit(tmp_path, name="first", tap="tap0")
+    first = FcKvmkit(tmp_path, "--id", "vm-1", name="first", tap="tap0")
     second = None
     try:
         c = first.client
         assert mode_of(first.sock) == 0o600
-        assert c.ok("GET", "/")["state"] == "Not started"
+        assert c.ok("GET", "/") == {
+            "id": "vm-1",
+            "state": "Not started",
+            "vmm_version": c.ok("GET", "/version")["kvmkit_version"],
+            "app_name": "kvmkit",
+        }
         _go_sdk_preboot(c, tmp_path, _counter)
         config = c.ok("GET", "/vm/config")
         assert config["machine-config"]["vcpu_count"] == 2
@@ -72,6 +78,16 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
         assert config["vsock"]["guest_cid"] == 3
         c.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         assert c.ok("GET", "/")["state"] == "Running"
+        disk = {"drive_id": "rootfs", "path_on_host": str(tmp_path / "disk.img")}
+        c.ok("PATCH", "/drives/rootfs", disk)  # the same file, the same size: nothing to do
+        other = {**disk, "path_on_host": str(tmp_path / "other.img")}
+        assert "cannot swap its backing file" in c.fault("PATCH", "/drives/rootfs", other)
+        with open(tmp_path / "disk.img", "ab") as f:
+            f.truncate(2 << 20)
+        assert "cannot tell a running guest of a new size" in c.fault(
+            "PATCH", "/drives/rootfs", disk
+        )
+        os.truncate(tmp_path / "disk.img", 1 << 20)  # as it was, for the restore below
         first.wait_console("cpu0 n=3 ")
         c.ok("PATCH", "/vm", {"state": "Paused"})
         assert c.ok("GET", "/")["state"] == "Paused"
@@ -89,6 +105,10 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
 
         second = FcKvmkit(tmp_path, name="second", tap="tap0")
         c2 = second.client
+        # the Go SDK's restore order: logger, metrics, vsock (a new socket), then the load
+        c2.ok("PUT", "/logger", {"log_path": str(tmp_path / "fc2.log"), "level": "Info"})
+        c2.ok("PUT", "/metrics", {"metrics_path": str(tmp_path / "fc2.metrics")})
+        c2.ok("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v2.sock")})
         c2.ok(
             "PUT",
             "/snapshot/load",
@@ -99,7 +119,14 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
             },
         )
         assert c2.ok("GET", "/")["state"] == "Paused"
+        assert (tmp_path / "v2.sock").exists()  # the restored vsock listens where asked
         assert c2.ok("GET", "/machine-config")["vcpu_count"] == 2
+        restored = c2.ok("GET", "/vm/config")  # what the snapshot brought
+        assert restored["kvmkit-boot-program"] == {"guest": "counter", "guest_arg": 0}
+        assert restored["drives"][0]["drive_id"] == "rootfs"
+        assert restored["drives"][0]["is_root_device"] is True
+        assert restored["network-interfaces"][0]["host_dev_name"] == "tap0"
+        assert restored["vsock"]["uds_path"] == str(tmp_path / "v2.sock")
         c2.ok("PATCH", "/vm", {"state": "Resumed"})
         second.wait_console(f"cpu0 n={at_snapshot + 3} ")
         # it carries on where it was saved (the paused console may have ended mid-line)
@@ -116,6 +143,7 @@ def test_go_sdk_order_boots_and_a_second_kvmkit_restores_the_snapshot(tmp_path):
 
 def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_path):
     c = fc.client
+    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "errors.log"), "level": "Info"})
     # before boot: post-boot operations, bad bodies, a missing kernel
     assert "not started" in c.fault("PATCH", "/vm", {"state": "Paused"})
     assert "InstanceStart" in c.fault(
@@ -133,6 +161,9 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
     )
     assert "smt true is not supported" in c.fault(
         "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64, "smt": True}
+    )
+    assert "track_dirty_pages true is not supported" in c.fault(
+        "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": True}
     )
     assert "cpu_template 'T2' is not supported" in c.fault(
         "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "T2"}
@@ -159,6 +190,13 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
     big.close()
     assert answer.startswith(b"HTTP/1.1 413") and b"at most 51200" in answer
     assert "no such path" in c.fault("GET", "/nope", status=404)
+    raw = socket.socket(socket.AF_UNIX)  # a path with a CR in it: answered, logged on one line
+    raw.connect(str(fc.sock))
+    raw.sendall(b"PUT /drives/a\rb HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+    raw.close()
+    log = (tmp_path / "errors.log").read_text().splitlines()
+    assert log and all(line.startswith("20") for line in log), log
     assert "it takes PATCH" in c.fault("DELETE", "/vm", status=405)
     # the MMDS store
     c.ok("PUT", "/mmds", {"latest": {"meta-data": {"id": "i-1", "zone": "a"}}})
@@ -177,6 +215,8 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
         ("/boot-source", {"kernel_image_path": "/vmlinux"}),
         ("/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v")}),
         ("/kvmkit/boot-program", {"guest": "hello"}),
+        ("/logger", {"level": "Debug"}),
+        ("/metrics", {"metrics_path": str(tmp_path / "late.metrics")}),
     ]:
         assert "only allowed before InstanceStart" in c.fault("PUT", path, body)
     assert "needs the microVM paused" in c.fault(
@@ -261,8 +301,8 @@ def test_the_openapi_document_matches_the_route_table(fc):
         "/actions",
         "/machine-config",
         "/boot-source",
-        "/drives/{id}",
-        "/network-interfaces/{id}",
+        "/drives/{drive_id}",
+        "/network-interfaces/{iface_id}",
         "/vsock",
         "/entropy",
         "/balloon",
@@ -290,7 +330,7 @@ def test_the_openapi_document_matches_the_route_table(fc):
     # every path the document names answers something other than 404 / 5xx
     for path, ops in doc["paths"].items():
         for method in ops:
-            status, _ = fc.client.call(method.upper(), path.replace("{id}", "x"), raw="{}")
+            status, _ = fc.client.call(method.upper(), re.sub(r"\{\w+\}", "x", path), raw="{}")
             assert status in (200, 204, 400), (method, path, status)
 
 
@@ -311,6 +351,20 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "vCPUs        2" in run.stderr
+    # Firecracker's own flags, as an orchestrator starting `firecracker` passes them
+    del config["logger"]
+    path.write_text(json.dumps(config))
+    flags = ["--id", "vm-2", "--log-path", str(tmp_path / "flag.log"), "--level", "debug"]
+    flags += ["--metrics-path", str(tmp_path / "flag.metrics"), "--no-seccomp"]
+    run = subprocess.run(
+        [*KVMKIT_RUN, "--config-file", str(path), "--no-api", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "[vm-2:kvmkit-api] InstanceStart" in (tmp_path / "flag.log").read_text()
+    assert json.loads((tmp_path / "flag.metrics").read_text().splitlines()[-1])["vmm"]
     for bad, message in [
         ({**config, "machine_config": {}}, "unknown key 'machine_config'"),
         ({"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}, "no 'boot-source'"),
@@ -335,6 +389,10 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
         assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     for args, message in [
         (["--no-api"], "--no-api needs --config-file"),
+        (["--id", "vm1"], "go with a machine configured through --api-sock"),
+        (["--config-file", str(path), "--seccomp-filter", "f.bpf"], "no seccomp filters"),
+        (["--api-sock", str(tmp_path / "s"), "--net", "tap=tap0"], "do not go with --api-sock"),
+        (["--api-sock", str(tmp_path / "s"), "--id", "no spaces"], "use 1 to 64 letters"),
         (["--api-sock", str(tmp_path / "s"), "--guest", "hello"], "--guest does not go with"),
         (["--config-file", str(tmp_path / "missing.json")], "does not exist"),
         (["--api-sock", str(tmp_path / ("x" * 120))], "path too long"),
@@ -394,6 +452,10 @@ def test_linux_boots_in_the_go_sdk_order_and_restores_in_a_second_kvmkit(test_ke
             "/snapshot/load",
             {"snapshot_path": str(state), "mem_file_path": str(mem), "resume_vm": True},
         )
+        # the restored balloon answers as if it had been PUT here
+        balloon = second.client.ok("GET", "/balloon")
+        assert balloon["amount_mib"] == 16 and balloon["stats_polling_interval_s"] == 1
+        second.client.ok("PATCH", "/balloon", {"amount_mib": 0})
         second.proc.stdin.write("echo carried-on\n")
         second.proc.stdin.flush()
         second.wait_console("carried-on\nkvmkit-init: done rc=0", timeout=120)
@@ -537,8 +599,9 @@ def test_get_vm_config_is_a_config_file_that_boots_the_same_machine(fc, tmp_path
     c.ok("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 48})
     c.ok("PUT", "/kvmkit/boot-program", {"guest": "memtest"})
     c.ok("PUT", "/entropy", {})
-    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "round.log"), "level": "Info"})
+    c.ok("PUT", "/logger", {"log_path": str(tmp_path / "round.log"), "level": "info"})
     config = c.ok("GET", "/vm/config")
+    assert config["logger"]["level"] == "Info"  # matched as Firecracker does, any case
     path = tmp_path / "round.json"
     path.write_text(json.dumps(config))
     run = subprocess.run(
