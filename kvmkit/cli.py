@@ -1,14 +1,20 @@
 """The `kvmkit` command line."""
 
 import argparse
-import signal
 import sys
 import threading
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
-from kvmkit import __version__, cli_check, cli_kernel, cli_migrate, cli_snapshot
-from kvmkit.api.server import ApiServer
+from kvmkit import (
+    __version__,
+    cli_check,
+    cli_firecracker,
+    cli_kernel,
+    cli_migrate,
+    cli_signals,
+    cli_snapshot,
+)
 from kvmkit.cli_args import join_dashed_values, positive_seconds
 from kvmkit.cli_devices import add_device_arguments, apply_device_args
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
@@ -33,6 +39,9 @@ from kvmkit.memory.hugepages import HUGEPAGE_SIZES
 from kvmkit.memory.layout import approx_size, format_size
 from kvmkit.memory.numa import MODES as NUMA_MODES
 from kvmkit.memory.numa import NumaPolicy, parse_nodes
+
+if TYPE_CHECKING:
+    from kvmkit.api.server import ApiServer
 
 DESCRIPTION = """\
 kvmkit: a guest-first VMM and KVM test bench, on /dev/kvm directly.
@@ -64,9 +73,27 @@ examples:
 
 
 class _Parser(argparse.ArgumentParser):
+    # Help text that needs heavy imports (selftest groups, check profiles): made only
+    # when the help is shown, so a run does not import the selftest and the profiles.
+    late_epilog: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.late_epilog is not None:
+            self.epilog = (self.epilog or "") + self.late_epilog()
+            self.late_epilog = None
+        return super().format_help()
+
     def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
         print(f"kvmkit: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _selftest_groups() -> str:
+    from kvmkit.testing.selftest import GROUPS
+
+    return "\n\ngroups:\n" + "\n".join(
+        f"  {name:<8} {title}" for name, (title, _) in GROUPS.items()
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the guest after S seconds (exit status 124, like timeout(1))",
     )
     add_device_arguments(run)
+    cli_firecracker.add_arguments(run)
     add_fault_arguments(run)
     run.add_argument(
         "--quiet",
@@ -230,27 +258,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not print the summary (errors are still printed)",
     )
 
-    from kvmkit.testing.selftest import GROUPS
-
     selftest = sub.add_parser(
         "selftest",
         help="run kvmkit's behaviour checks against this host's KVM: a pass/fail table",
         description="Run kvmkit's bundled behaviour checks against this host's kernel. Each"
         " check states the outcome it expects (an errno, a value, an exit); DEVIATES marks a"
         " measured, known difference of this host from upstream KVM, SKIP one that cannot"
-        " run here (with the reason). Exit status 1 if any check fails.\n\ngroups:\n"
-        + "\n".join(f"  {name:<8} {title}" for name, (title, _) in GROUPS.items())
-        + "\n\nexamples:\n  kvmkit selftest                 every group\n"
+        " run here (with the reason). Exit status 1 if any check fails.",
+        epilog="examples:\n  kvmkit selftest                 every group\n"
         "  kvmkit selftest vcpu exits      two groups\n"
         "  kvmkit selftest -k event.       checks whose name has 'event.'\n"
         "  kvmkit selftest --json > r.json for machines (schema kvmkit-selftest/1)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    selftest.late_epilog = _selftest_groups
     selftest.add_argument(
         "groups",
         nargs="*",
         metavar="GROUP",
-        help=f"groups to run: {', '.join(GROUPS)} (default: all)",
+        help="groups to run, listed below (default: all)",
     )
     selftest.add_argument(
         "--filter", "-k", default="", metavar="TEXT", help="run only checks whose name has TEXT"
@@ -352,6 +378,9 @@ def format_summary(r: RunResult) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if cli_firecracker.wanted(args):  # Firecracker's API or config file configures it
+        spec = config_from_args(args).resources().machine
+        return run_with_faults(args, lambda: cli_firecracker.cmd_run(args, spec, run_machine))
     resources = apply_device_args(args, resources_from_args(args))
     return run_with_faults(args, lambda: run_machine(build_for_boot(resources), args))
 
@@ -362,13 +391,23 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
     with machine:
         if (fd := stdin_for_console()) is not None:
             ConsoleInput(fd, machine.serial, machine.events)
-        server = ApiServer(args.api_socket, machine).start() if args.api_socket else None
+        server: ApiServer | None = None
         timer = None
-        if limit := getattr(args, "run_timeout", None):
-            why = f"stopped: the run reached its --timeout of {limit:g} s"
-            timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
-            timer.daemon = True
-            timer.start()
+        try:  # a signal before the run starts ends it as one during the run would
+            if args.api_socket:
+                from kvmkit.api import server as api  # a run without the API skips it
+
+                with cli_signals.deferred():  # once bound, the socket is `server`'s to remove
+                    server = api.ApiServer(args.api_socket, machine).start()
+            if limit := getattr(args, "run_timeout", None):
+                why = f"stopped: the run reached its --timeout of {limit:g} s"
+                timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
+                timer.daemon = True
+                timer.start()
+        except Terminated:
+            machine.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
+        except KeyboardInterrupt:
+            machine.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
         try:
             result = machine.run()
         finally:
@@ -474,19 +513,15 @@ VALUED = frozenset(
         "--bandwidth",
         "--max-downtime-ms",
         "--max-iterations",
+        "--wait",
         "--jobs",
         "-j",
     }
 )
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)  # end as Ctrl-C does: cleanly, said
+    cli_signals.install()  # SIGTERM ends a command as Ctrl-C does: cleanly, said
     parser = build_parser()
     args = parser.parse_args(join_dashed_values(sys.argv[1:] if argv is None else argv, VALUED))
     if args.command is None:

@@ -5,7 +5,6 @@ import json
 from typing import Any
 
 from kvmkit.errors import ConfigError
-from kvmkit.hostcheck.profiles import PROFILES
 
 CHECK_EPILOG = """\
 every value comes from a probe on this host (an ioctl, /proc or /sys, a short-lived
@@ -21,6 +20,12 @@ examples:
   kvmkit check --requirements-doc > REQUIREMENTS.md"""
 
 
+def _profiles() -> str:
+    from kvmkit.hostcheck.profiles import PROFILES
+
+    return "\n\nprofiles:\n" + "\n".join(f"  {p.name:<28} {p.summary}" for p in PROFILES.values())
+
+
 def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  # noqa: ANN401
     check = sub.add_parser(
         "check",
@@ -28,11 +33,10 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
         description="Report this host's KVM backend, every capability with its value, VM"
         " types, guest_memfd flags, limits, CPUID features and MSRs, the results of"
         " functional probes, and a verdict per requirement profile.",
-        epilog=CHECK_EPILOG
-        + "\n\nprofiles:\n"
-        + "\n".join(f"  {p.name:<28} {p.summary}" for p in PROFILES.values()),
+        epilog=CHECK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    check.late_epilog = _profiles  # made when the help is shown: a run skips the import
     check.add_argument(
         "--profile",
         "-p",
@@ -55,6 +59,7 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
 
 def cmd_check(args: argparse.Namespace) -> int:
     from kvmkit.hostcheck.kvm_probes import gather
+    from kvmkit.hostcheck.profiles import PROFILES
     from kvmkit.hostcheck.report import (
         build_report,
         render_profiles,

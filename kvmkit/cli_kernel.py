@@ -3,10 +3,12 @@
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmkit.errors import ConfigError
-from kvmkit.guests.linux.build import TestKernel
+
+if TYPE_CHECKING:
+    from kvmkit.guests.linux.build import TestKernel
 
 KERNEL_EPILOG = """\
 The test kernel is Debian's linux-source-6.12 configured for this project's PVM
@@ -63,7 +65,7 @@ def add_parser(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  
     path.add_argument("--json", action="store_true", help="print as JSON")
 
 
-def _describe(kernel: TestKernel, as_json: bool) -> str:
+def _describe(kernel: "TestKernel", as_json: bool) -> str:
     fields = {
         "vmlinux": str(kernel.vmlinux),
         "bzimage": str(kernel.bzimage),

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kvmkit.api.client import call
+from kvmkit.api.client import CONNECT_TIMEOUT_S, call
+from kvmkit.cli_args import positive_seconds
 from kvmkit.cli_devices import add_restore_device_arguments, parse_drive_paths, parse_net_taps
 from kvmkit.cli_progress import Progress
 from kvmkit.errors import ConfigError
@@ -32,6 +33,40 @@ examples:
   kvmkit snapshot restore /tmp/vm.snap
   kvmkit snapshot restore /tmp/vm.snap --memory-backend memfd --lazy"""
 
+CTL_TIMEOUT_S = 60.0  # a pause waits at most 10 s for the vCPUs; a hung machine is named
+CTL_EPILOG = """\
+requests:
+  status   the machine's state (created, running, paused, stopped), vCPUs, memory,
+           uptime, who holds it paused (paused_by), the operation in progress
+           (in_progress), where it was restored or migrated from, and how the run
+           ended
+  pause    stop every vCPU at a clean point and wait for it; the machine stays
+           paused until a resume (a second pause changes nothing)
+  resume   let a paused machine run again
+  stop     end the run, as the guest's own exit would: 'kvmkit run' prints its
+           summary and exits 0; a snapshot or migration in progress is cancelled
+
+one operation at a time: while a migration, a snapshot, a pause or a resume of a
+machine is in progress, another of these is refused ("a migration of this machine
+is in progress"); status and stop are always answered.
+
+the socket speaks one JSON object per line, {"cmd": ..., arguments}; besides the
+four above it takes:
+  {"cmd": "snapshot", "path": FILE, "resume": BOOL, "compress": LEVEL, "force": BOOL}
+           what 'kvmkit snapshot create' sends; an existing FILE is replaced only
+           with "force" and only if it is a kvmkit snapshot
+  {"cmd": "migrate", "to": ADDRESS, "max_downtime_ms": N, "bandwidth_bps": N,
+   "max_iterations": N, "auto_converge": BOOL}
+           what 'kvmkit migrate send' sends
+each answer is {"ok": true, ...} or {"ok": false, "error": "..."} ("retry": true when
+the machine is too busy to take it: try again); long requests send {"event": {...}}
+lines before it, and are cancelled if the client goes away.
+
+examples:
+  kvmkit ctl status --socket /tmp/vm.sock
+  kvmkit ctl pause --socket /tmp/vm.sock
+  kvmkit ctl stop --socket /tmp/vm.sock"""
+
 
 def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:  # noqa: ANN401
     snap = sub.add_parser(
@@ -49,13 +84,21 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
         "create",
         help="snapshot the machine serving --socket",
         description="Pause the machine serving --socket, write its snapshot to --out, and"
-        " leave it paused (or running, with --resume). If the write fails, the machine"
-        " returns to how it was and no file is left.",
+        " leave it paused (or running, with --resume). If the write fails, or is cancelled"
+        " (Ctrl-C here, or 'kvmkit ctl stop'), the machine returns to how it was, no new"
+        " file is left and a file that was at --out stays. An existing --out is refused"
+        " unless --force, and a file that is not a kvmkit snapshot is never replaced.",
     )
     create.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
     create.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
     create.add_argument(
         "--resume", action="store_true", help="let the machine run on after the snapshot"
+    )
+    create.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it is an existing kvmkit snapshot (a file that is not a"
+        " snapshot is never replaced)",
     )
     create.add_argument(
         "--compress",
@@ -100,14 +143,29 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
     ctl = sub.add_parser(
         "ctl",
         help="pause, resume, stop or query a machine through its control socket",
-        description="Send one control request to a machine started with --api-socket.",
+        description="Send one control request to a machine started with --api-socket and"
+        " print its JSON answer.",
+        epilog=CTL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ctl.add_argument("request", choices=["status", "pause", "resume", "stop"])
+    ctl.add_argument(
+        "request",
+        choices=["status", "pause", "resume", "stop"],
+        help="status, pause, resume or stop (see below)",
+    )
     ctl.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
+    ctl.add_argument(
+        "--wait",
+        type=positive_seconds,
+        default=CONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long to keep trying while the machine's control queue is full"
+        f" (default {CONNECT_TIMEOUT_S:g})",
+    )
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    reply = call(args.socket, args.request)
+    reply = call(args.socket, args.request, timeout_s=CTL_TIMEOUT_S, connect_timeout_s=args.wait)
     print(json.dumps(reply, indent=2))
     return 0
 
@@ -123,10 +181,19 @@ def cmd_snapshot(args: argparse.Namespace, run_machine: Callable[..., int]) -> i
 def _create(args: argparse.Namespace) -> int:
     if args.compress is not None and not 1 <= args.compress <= 22:
         raise ConfigError(f"--compress level {args.compress} is not between 1 and 22")
+    from kvmkit.control.snapshots import check_replaceable
+
     out = os.path.abspath(args.out)  # the machine may run in another directory
-    reply = call(
-        args.socket, "snapshot", {"path": out, "resume": args.resume, "compress": args.compress}
-    )
+    check_replaceable(out, args.force)  # here too, so that the refusal exits 2
+    request = {"path": out, "resume": args.resume, "compress": args.compress, "force": args.force}
+    with Progress("snapshot") as progress:
+
+        def show(event: dict[str, Any]) -> None:
+            if event.get("phase") == "memory":
+                bytes_progress(progress, "saving memory")(event["done"], event["total"])
+
+        # Ctrl-C closes the connection, and the machine cancels the snapshot.
+        reply = call(args.socket, "snapshot", request, on_event=show)
     r = reply["snapshot"]
     print(
         f"kvmkit: snapshot {r['path']}: {approx_size(r['file_bytes'])}, memory"

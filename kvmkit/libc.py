@@ -46,6 +46,12 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
+def malloc_trim() -> None:
+    """Give the heap's free memory back to the kernel (what building a machine
+    allocated and freed): about 1.5 MB of the VMM's RSS."""
+    _libc.malloc_trim(0)
+
+
 def errno_error(call: str) -> OSError:
     err = ctypes.get_errno()
     return OSError(err, f"{call}: {os.strerror(err)}")

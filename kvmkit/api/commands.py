@@ -1,6 +1,16 @@
-"""What the control API can do to a running machine, independent of transport."""
+"""What the control API can do to a running machine, independent of transport.
+
+Which requests exclude which (one migration, snapshot, pause or resume at a time;
+status and stop always answered) is the machine's rule, kvmkit/machine/operations.py:
+the handlers here just call through it and pass its refusal on.
+
+A streaming command gets `emit`: `emit(event)` sends a progress event, and raises
+(the server's ClientGone) once the client went away, which cancels the command;
+`emit({})` sends nothing and only checks that the client is still there.
+"""
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,20 +43,44 @@ def _stop(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
     return {"state": "stopped"}
 
 
-def _snapshot(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
+Emit = Callable[[dict[str, Any]], None]
+PROGRESS_EVERY_S = 0.1
+
+
+def _snapshot(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
     path = args.get("path")
     if not isinstance(path, str) or not path:
         raise ApiError('snapshot needs "path": the file to write')
     level = args.get("compress")
-    if level is not None and (not isinstance(level, int) or not 1 <= level <= 22):
+    if level is not None and (
+        not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22
+    ):
         raise ApiError('"compress" is a zstd level from 1 to 22')
-    report = take_snapshot(
-        machine, path, resume=bool(args.get("resume", False)), compress_level=level
-    )
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S or done >= total:
+            last = now
+            emit({"phase": "memory", "done": done, "total": total})
+        else:
+            emit({})  # only: is the client still there?
+
+    try:
+        emit({})  # a client gone before it starts cancels it before the pause
+        report = take_snapshot(
+            machine,
+            path,
+            resume=bool(args.get("resume", False)),
+            compress_level=level,
+            progress=progress,
+            replace=bool(args.get("force", False)),
+        )
+    except KvmkitError as e:  # the caller may be gone: say it where the VM runs, too
+        print(f"kvmkit: snapshot {path} not written: {e}", file=sys.stderr, flush=True)
+        raise
     return {"snapshot": report.to_dict(), **machine.status()}
-
-
-Emit = Callable[[dict[str, Any]], None]
 
 
 def _migrate(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -84,13 +118,13 @@ def _migrate(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, An
 # {"event": {...}} on its own line before the final answer.
 STREAMING: dict[str, Callable[[Machine, dict[str, Any], Emit], dict[str, Any]]] = {
     "migrate": _migrate,
+    "snapshot": _snapshot,
 }
 
 COMMANDS: dict[str, Callable[[Machine, dict[str, Any]], dict[str, Any]]] = {
     "status": _status,
     "pause": _pause,
     "resume": _resume,
-    "snapshot": _snapshot,
     "stop": _stop,
 }
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 DEFAULT_LIMIT = 1 << 20
+STALL_S = 0.25  # a flush gives up on a stream that took nothing for this long
 
 
 class ConsoleOutput:
@@ -88,13 +89,18 @@ class ConsoleOutput:
                     self._busy = False
                     self._cond.notify_all()
 
-    def flush(self, timeout_s: float = 5.0) -> bool:
+    def flush(self, timeout_s: float = 5.0, stall_s: float = STALL_S) -> bool:
         """Wait (at most `timeout_s`) until everything queued was written; False if the
-        stream did not take it in time (the rest is written or dropped later)."""
+        stream did not take it in time, or took nothing for `stall_s` (a reader that
+        stopped reading: the rest is written or dropped later)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            written, since = self.written, time.monotonic()
             while self._buf or self._busy:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if self.written != written:
+                    written, since = self.written, now
+                left = min(deadline - now, since + stall_s - now)
                 if left <= 0 or self._thread is None:
                     return False
                 self._cond.wait(left)

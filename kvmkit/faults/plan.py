@@ -25,18 +25,20 @@ A rule reads `WHERE:WHAT@WHEN`, e.g. `ioctl:KVM_RUN:EINTR@every=100`,
 import contextlib
 import errno as errno_mod
 import os
-import random
 import re
 import threading
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmkit.errors import ConfigError
 from kvmkit.faults.guest_events import GuestEvent, parse_event
+
+if TYPE_CHECKING:
+    import random
 
 FILE_SITES = ("snapshot.write", "snapshot.read")
 STREAM_SITES = ("migration.send", "migration.recv")
@@ -92,13 +94,15 @@ class FaultRule:
     value: int = 0  # the answer of a cap: rule
     after: str = ""
     calls: int = 0
-    _rng: random.Random | None = field(default=None, repr=False, compare=False)
+    _rng: "random.Random | None" = field(default=None, repr=False, compare=False)
 
     def fires(self, call: int) -> bool:
         if self.every:
             return call % self.every == 0
         if self.probability:
             if self._rng is None:
+                import random  # only p= rules: a run without them skips it
+
                 self._rng = random.Random(self.seed)
             return self._rng.random() < self.probability
         return call >= self.nth and (self.times == 0 or call < self.nth + self.times)
@@ -286,6 +290,8 @@ def load_plan(rules: list[str], toml_path: str | None = None) -> FaultPlan:
     `rule = "WHERE:WHAT@WHEN"`."""
     texts = list(rules)
     if toml_path:
+        import tomllib  # only plans from a file
+
         path = Path(toml_path)
         try:
             if path.stat().st_size > MAX_PLAN_BYTES:

@@ -49,9 +49,7 @@ from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
 from kvmkit.memory.layout import format_size
 from kvmkit.records import decode, encode
-from kvmkit.snapshot import cpu_state
 from kvmkit.snapshot.format import StreamFormatError
-from kvmkit.snapshot.machine_state import check_host, check_layout
 from kvmkit.snapshot.model import (
     MODEL_VERSION,
     BootRecord,
@@ -460,6 +458,9 @@ def _describe(
 def build_from_saved(source: SavedSource, options: RestoreOptions | None = None) -> Machine:
     """A machine that continues `source`'s saved state when `run()`. The source fills
     guest memory and yields the rest of the state once the memory exists."""
+    from kvmkit.snapshot import cpu_state  # the restore road only: a boot skips them
+    from kvmkit.snapshot.machine_state import check_host, check_layout
+
     options = options or RestoreOptions()
     d = source.description
     backend = options.memory_backend or d.backend

@@ -23,10 +23,12 @@ from kvmkit.faults import enter_phase
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.exits import NR_REASONS
 from kvmkit.kvm.vcpu import install_kick_handler, kick_handler
+from kvmkit.libc import malloc_trim
 from kvmkit.machine.boot import BootPlan
 from kvmkit.machine.device_manager import DeviceManager
 from kvmkit.machine.event_loop import EventLoop
 from kvmkit.machine.halt_watch import HaltWatch
+from kvmkit.machine.operations import PAUSE, RESUME, Operations
 from kvmkit.machine.pause import USER
 from kvmkit.machine.resources import VmResources
 from kvmkit.machine.result import (
@@ -50,6 +52,7 @@ from kvmkit.uapi.cpu import (
 from kvmkit.uapi.exits import ExitReason
 
 JOIN_TIMEOUT_S = 5.0
+OPERATION_END_TIMEOUT_S = 30.0  # what close() waits for a snapshot or migration to end
 RFLAGS_IF = 1 << 9
 WAITING_FOR_SIPI = (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
 
@@ -107,6 +110,7 @@ class Machine:
         self.stopping = self.control.stopping
         self.attention = self.control.attention
         self.gate = self.control.gate
+        self.operations = Operations(self.stopping)  # one at a time: machine/operations.py
         self.restored_from: str | None = None
         self.migrated_from: str | None = None
         self.restore_notes: list[str] = []
@@ -156,34 +160,40 @@ class Machine:
         """Run until the guest exits, every vCPU halts, an error, or Ctrl-C."""
         if self._threads or self._closed:
             raise RuntimeError("a Machine runs once; build a new one to run again")
-        ports = [self._port(v) for v in self.vcpus]
         start = self.started_at = time.monotonic()
-        self.gate.start([v.index for v in self.vcpus])
-        if self.irqchip:
-            self._watch = HaltWatch(
-                len(self.vcpus), self._kick_one, self._all_idle, self.control.stopping
-            )
-        enter_phase("run")
-        self.events.start()
+        ports: list[VcpuPort] = []
         with kick_handler():
-            for port in ports:
-                t = threading.Thread(
-                    target=self._vcpu_thread, args=(port,), name=f"vcpu{port.index}", daemon=True
-                )
-                self._threads.append(t)
-                t.start()
-            if self._watch is not None:
-                self._watch.start()
-            try:
+            try:  # a signal while the run starts ends it as one during the run does
+                ports.extend(self._port(v) for v in self.vcpus)
+                self.gate.start([v.index for v in self.vcpus])
+                if self.irqchip:
+                    self._watch = HaltWatch(
+                        len(self.vcpus), self._kick_one, self._all_idle, self.control.stopping
+                    )
+                enter_phase("run")
+                self.events.start()
+                for port in ports:
+                    t = threading.Thread(
+                        target=self._vcpu_thread,
+                        args=(port,),
+                        name=f"vcpu{port.index}",
+                        daemon=True,
+                    )
+                    self._threads.append(t)
+                    t.start()
+                if self._watch is not None:
+                    self._watch.start()
+                malloc_trim()  # what the build freed goes back to the kernel
                 while not self.stopping.wait(0.25):
                     pass
             except Terminated:
                 self.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
             except KeyboardInterrupt:
                 self.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
-            for t in self._threads:
+            started = [t for t in self._threads if t.ident is not None]  # a signal may cut start()
+            for t in started:
                 t.join(JOIN_TIMEOUT_S)
-            stuck = [t.name for t in self._threads if t.is_alive()]
+            stuck = [t.name for t in started if t.is_alive()]
             if stuck:
                 self.stop(EXIT_HOST_ERROR, f"vCPU threads did not stop: {', '.join(stuck)}")
         wall = time.monotonic() - start
@@ -318,15 +328,33 @@ class Machine:
     def pause(self, timeout_s: float = 10.0, holder: str = USER) -> None:
         """Stop every vCPU at a clean point (no exit half-done), and the event loop
         between callbacks, and wait for it. Pauses are held by `holder`: the machine
-        runs again once every holder resumed it."""
+        runs again once every holder resumed it. The user's pause (holder "user") is
+        an operation: refused (OperationRefused) while a migration, snapshot, pause or
+        resume is in progress; other holders pause within their own operation."""
         if not self.alive:
             raise KvmkitError("the machine is not running, so it cannot be paused")
+        if holder != USER:
+            self._pause(holder, timeout_s)
+            return
+        with self.operations.begin(PAUSE):
+            self._pause(holder, timeout_s)
+
+    def _pause(self, holder: str, timeout_s: float) -> None:
         enter_phase("pause")
-        self.gate.pause(holder, self._kick_all, timeout_s)
-        self._sync_events()
+        try:
+            self.gate.pause(holder, self._kick_all, timeout_s)
+        finally:
+            self._sync_events()
 
     def resume(self, holder: str = USER) -> bool:
-        """Drop `holder`'s pause; False if it held none."""
+        """Drop `holder`'s pause; False if it held none. The user's resume is an
+        operation, refused as the user's pause is."""
+        if holder != USER:
+            return self._resume(holder)
+        with self.operations.begin(RESUME):
+            return self._resume(holder)
+
+    def _resume(self, holder: str) -> bool:
         enter_phase("resume")
         released = self.gate.release(holder)
         self._sync_events()
@@ -356,6 +384,7 @@ class Machine:
             "populated_bytes": self.memory.populated_bytes(),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0,
             "paused_by": self.gate.holders,
+            "in_progress": self.operations.in_progress,
             "restored_from": self.restored_from,
             "migrated_from": self.migrated_from,
             "result": result.reason if result else None,
@@ -369,6 +398,11 @@ class Machine:
         self._closed = True
         if self._threads and not self.stopping.is_set():
             self.stop(EXIT_OK, "closed")
+        if not self.operations.wait_idle(OPERATION_END_TIMEOUT_S):
+            # A snapshot or migration still reads guest memory (a write stuck on a slow
+            # disk or peer): leave the memory mapped for the process's end, never free
+            # it under the reader.
+            self.memory = None
         if self.lazy is not None:
             self.lazy.close()
             self.lazy = None

@@ -7,8 +7,13 @@ can be read or saved. The thread then parks here until the pause is over.
 
 Pauses are holds, by holder: a snapshot, a migration, the auto-converge throttle and
 a user (`ctl pause`) each hold the gate under their own name, and the vCPUs run again
-only when no hold is left. So one client's resume never cancels another's pause,
-and a pause that timed out is withdrawn at once (it never takes effect later).
+only when no hold is left. So a user's resume never cancels a snapshot's or a
+migration's pause. A holder holds at most once (a second pause by it changes
+nothing; one release ends it). A pause that fails leaves no hold it took: one that
+timed out is withdrawn at once, and one whose hold was released by someone else
+before the vCPUs stopped (a resume racing it) reports PauseCancelled; neither takes
+effect later. Which controller may pause or resume when is decided above, by the
+machine's operations (kvmkit/machine/operations.py).
 """
 
 import threading
@@ -24,12 +29,16 @@ class PauseTimeout(KvmkitError):
     pass
 
 
+class PauseCancelled(KvmkitError):
+    pass
+
+
 class PauseGate:
     def __init__(self, attention: threading.Event, stopping: threading.Event) -> None:
         self.attention = attention
         self.stopping = stopping
         self._cond = threading.Condition()
-        self._holds: dict[str, int] = {}
+        self._holds: set[str] = set()
         self._parked: set[int] = set()
         self._gone: set[int] = set()
         self._expected: set[int] = set()
@@ -83,27 +92,34 @@ class PauseGate:
         """Take (or keep) `holder`'s hold and ask every vCPU to park; does not wait
         (safe from a device handler on a vCPU thread)."""
         with self._cond:
-            self._holds[holder] = self._holds.get(holder, 0) + 1
+            self._holds.add(holder)
             self.attention.set()
         kick()
 
     def pause(self, holder: str, kick: Callable[[], None], timeout_s: float = 10.0) -> None:
-        """Hold the gate for `holder` and wait until every vCPU is parked. On a timeout
-        the hold is withdrawn before PauseTimeout is raised."""
-        already = self.held_by(holder)
+        """Hold the gate for `holder` and wait until every vCPU is parked. If that
+        fails, the hold this call took is gone before the error is raised:
+        PauseTimeout (withdrawn), PauseCancelled (released meanwhile by a resume)."""
+        with self._cond:
+            already = holder in self._holds
         self.hold(holder, kick)
         with self._cond:
-            if already:  # one hold per holder: a second pause by it changes nothing
-                self._drop(holder)
             done = self._cond.wait_for(
-                lambda: self._all_parked() or self.stopping.is_set(), timeout_s
+                lambda: self._all_parked() or self.stopping.is_set() or holder not in self._holds,
+                timeout_s,
             )
+            if holder not in self._holds:
+                raise PauseCancelled(
+                    "the pause was cancelled: a resume came before the vCPUs had stopped"
+                )
             if not done:
                 missing = sorted(self._expected - self._parked - self._gone)
-                self._drop(holder)
+                if not already:
+                    self._drop(holder)
+                what = "the earlier pause stays" if already else "the pause was withdrawn"
                 raise PauseTimeout(
                     f"vCPUs {missing} did not stop within {timeout_s:g} s of the pause request;"
-                    " the pause was withdrawn"
+                    f" {what}"
                 )
 
     def release(self, holder: str) -> bool:
@@ -116,11 +132,7 @@ class PauseGate:
             return True
 
     def _drop(self, holder: str) -> None:
-        left = self._holds.get(holder, 0) - 1
-        if left > 0:
-            self._holds[holder] = left
-        else:
-            self._holds.pop(holder, None)
+        self._holds.discard(holder)
         if not self._holds and not self.stopping.is_set():
             self.attention.clear()
         self._cond.notify_all()

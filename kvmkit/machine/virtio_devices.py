@@ -72,6 +72,10 @@ def _entropy(r: VmResources) -> list[tuple[str, Any]]:
     return [("rng", RngConfig())] if r.entropy is not None else []
 
 
+def _balloon(r: VmResources) -> list[tuple[str, Any]]:
+    return [("balloon", BalloonConfig.from_spec(r.balloon))] if r.balloon is not None else []
+
+
 def _nets(r: VmResources) -> list[tuple[str, Any]]:
     return [
         (f"net{i}", NetConfig(n.iface_id, n.tap, (n.mac or derived_mac(i)).lower()))
@@ -123,10 +127,6 @@ def _make_vsock(
         ) from None
 
 
-def _balloon(r: VmResources) -> list[tuple[str, Any]]:
-    return [("balloon", BalloonConfig.from_spec(r.balloon))] if r.balloon is not None else []
-
-
 KINDS: dict[str, VirtioKind] = {
     k.kind: k
     for k in (
@@ -138,8 +138,6 @@ KINDS: dict[str, VirtioKind] = {
             _entropy,
             lambda name, ctx, irq, config, state: VirtioRng(name, ctx.memory, irq, state),
         ),
-        VirtioKind("virtio-net", VirtioNet, NetConfig, _nets, _make_net),
-        VirtioKind("virtio-vsock", VirtioVsock, VsockConfig, _vsocks, _make_vsock),
         VirtioKind(
             "virtio-balloon",
             VirtioBalloon,
@@ -149,6 +147,8 @@ KINDS: dict[str, VirtioKind] = {
                 name, ctx.memory, irq, config, state
             ),
         ),
+        VirtioKind("virtio-net", VirtioNet, NetConfig, _nets, _make_net),
+        VirtioKind("virtio-vsock", VirtioVsock, VsockConfig, _vsocks, _make_vsock),
     )
 }
 

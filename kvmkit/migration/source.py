@@ -144,7 +144,8 @@ def migrate(
 ) -> MigrationReport:
     """Migrate the running (or paused) `machine` to the target listening at `to`
     (`tcp:HOST:PORT` or `unix:PATH`). Returns the report once the target runs; raises
-    MigrationError, with this machine as it was, if anything fails before that."""
+    MigrationError, with this machine as it was, if anything fails before that, and
+    OperationRefused if another operation on the machine is in progress."""
     if machine.memory is None or not machine.running:
         raise MigrationError("the machine is not running, so there is nothing to migrate")
     if machine.lazy is not None:
@@ -156,15 +157,28 @@ def migrate(
         )
     if max_downtime_ms <= 0:
         raise MigrationError("the downtime target must be a positive number of milliseconds")
-    return _SourceMigration(
-        machine,
-        parse_address(to),
-        max_downtime_ms,
-        bandwidth_bps,
-        auto_converge,
-        max_iterations,
-        progress or (lambda event: None),
-    ).run()
+    address = parse_address(to)
+    notify = progress or (lambda event: None)
+    # One at a time (kvmkit/machine/operations.py): a second migration, a snapshot, a
+    # user's pause or resume are refused while this one runs; a stop cancels it (at its
+    # next progress event, before the go: past it, nothing undoes the migration).
+    with machine.operations.begin(MIGRATION) as operation:
+
+        def checked(event: dict[str, Any]) -> None:
+            if not migration.go_sent:
+                operation.check()
+            notify(event)
+
+        migration = _SourceMigration(
+            machine,
+            address,
+            max_downtime_ms,
+            bandwidth_bps,
+            auto_converge,
+            max_iterations,
+            checked,
+        )
+        return migration.run()
 
 
 class _SourceMigration:

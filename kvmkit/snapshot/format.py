@@ -33,13 +33,15 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvmkit.errors import KvmkitError
 from kvmkit.records import bounds, decode
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 MAGIC = b"KVMKITST"
 FORMAT_VERSION = 1
@@ -183,6 +185,8 @@ class Checksummer:
     def then(self, work: Callable[[], None]) -> None:
         """Run `work` on the helper after everything asked before it."""
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # only writers that compress
+
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
         self._last = self._pool.submit(work)
 

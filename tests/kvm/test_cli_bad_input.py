@@ -90,6 +90,9 @@ CASES = [
     ("snapshot restore {d}/missing.snap --console {d}", "is a directory"),
     ("snapshot inspect {d}", "is a directory"),
     ("ctl status --socket {d}/none.sock", "no kvmkit is listening"),
+    ("ctl status --socket {d}/none.sock --wait -1", "must be more than 0"),
+    ("snapshot create --socket {d}/none.sock --out {d}/text.txt --force", "not a kvmkit snapshot"),
+    ("snapshot create --socket {d}/none.sock --out {d}/" + "x" * 300, "is too long"),
     # migration
     ("migrate send --socket {d}/none.sock --to tcp:h:²", "is not tcp:HOST:PORT"),
     ("migrate send --socket {d}/none.sock --to tcp:h:1 --bandwidth 1X", "is not a size"),

@@ -56,7 +56,8 @@ def test_selftest_json_reports_every_check_of_the_groups_asked():
     groups = {c["group"] for c in report["checks"]}
     assert groups == {"vcpu", "faults"}
     assert len(report["checks"]) == len(GROUPS["vcpu"][1]) + len(GROUPS["faults"][1])
-    assert report["totals"]["pass"] == len(report["checks"]) and report["totals"]["fail"] == 0
+    totals = report["totals"]  # a measured deviation of this host is not a failure
+    assert totals["pass"] + totals["deviates"] == len(report["checks"]) and totals["fail"] == 0
 
 
 def test_selftest_refuses_an_unknown_group_and_lists_the_real_ones():
