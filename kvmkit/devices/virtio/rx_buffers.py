@@ -8,7 +8,7 @@ VIRTIO_F_EVENT_IDX the avail_event the pop published moves back too, so the driv
 notifies again when it adds buffers after them.
 """
 
-from kvmkit.devices.virtio.queue import GuestRam, Virtqueue
+from kvmkit.devices.virtio.queue import GuestRam, Virtqueue, mark_dirty
 
 
 def give_back(q: Virtqueue, ram: GuestRam, count: int) -> None:
@@ -19,3 +19,4 @@ def give_back(q: Virtqueue, ram: GuestRam, count: int) -> None:
     if q.event_idx:
         at = q.used + 4 + 8 * q.size
         ram.view(at, 2)[:] = q.last_avail.to_bytes(2, "little")
+        mark_dirty(ram, at, 2)  # a device write outside a pushed chain: for live migration
