@@ -201,10 +201,21 @@ def migrate_during(
 
 
 def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, tmp_path):
+    from kvmkit.faults import FaultPlan, FaultRule, active_plan
+
     offset, length, seed = 4 << 20, 24 << 20, 11
-    moved = migrate_during(guest, f"blk-write /dev/vda {offset} {length} {seed}", disks, tmp_path)
+    # 100 ms more per write request (a slow disk): the write (48 requests) outlasts
+    # the migration whatever the host's load
+    slow_disk = FaultPlan([FaultRule("blk.write", action="delay", delay_s=0.1, times=0)])
+    with active_plan(slow_disk):
+        command = f"blk-write /dev/vda {offset} {length} {seed}"
+        moved = migrate_during(guest, command, disks, tmp_path)
+        try:
+            done = moved.wait_for("written=", 120)
+        except BaseException:
+            moved.close()
+            raise
     try:
-        done = moved.wait_for("written=", 120)
         expected = pattern(seed, 0, length)
         assert done.split("fnv=")[1] == fnv_hex(expected)
         with open(disks["data"], "rb") as f:
