@@ -34,7 +34,7 @@ def _isolated_guest_cache(tmp_path_factory):
 
 
 # -- a Linux guest with virtio devices (tests/kvm/test_virtio_linux.py, tests/faults) ----
-VIRTIO_DATA_BYTES = 32 << 20
+VIRTIO_DATA_BYTES = 64 << 20
 VIRTIO_BASE_BYTES = 4 << 20
 VIRTIO_BASE_SEED = 99
 
@@ -80,10 +80,11 @@ def virtio_snapshot(test_kernel, tmp_path_factory) -> VirtioSnapshot:
 
 @pytest.fixture
 def virtio_disks(virtio_snapshot, tmp_path) -> dict[str, Path]:
-    """This test's copies of the snapshot's drives, by drive id."""
-    out = {}
-    for drive_id, src in (("data", virtio_snapshot.data), ("base", virtio_snapshot.base)):
-        out[drive_id] = tmp_path / src.name
-        shutil.copyfile(src, out[drive_id])
+    """This test's copies of the snapshot's drives, by drive id (the data drive was
+    all zeros at the snapshot: a fresh sparse file of its size is its copy)."""
+    out = {"data": tmp_path / "data.img", "base": tmp_path / "base.img"}
+    with open(out["data"], "wb") as f:
+        f.truncate(virtio_snapshot.data.stat().st_size)
+    shutil.copyfile(virtio_snapshot.base, out["base"])
     out["base"].chmod(0o444)
     return out

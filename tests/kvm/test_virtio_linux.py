@@ -201,10 +201,21 @@ def migrate_during(
 
 
 def test_live_migration_with_a_disk_write_in_flight_loses_no_byte(guest, disks, tmp_path):
+    from kvmkit.faults import FaultPlan, FaultRule, active_plan
+
     offset, length, seed = 4 << 20, 24 << 20, 11
-    moved = migrate_during(guest, f"blk-write /dev/vda {offset} {length} {seed}", disks, tmp_path)
+    # 100 ms more per write request (a slow disk): the write (48 requests) outlasts
+    # the migration whatever the host's load
+    slow_disk = FaultPlan([FaultRule("blk.write", action="delay", delay_s=0.1, times=0)])
+    with active_plan(slow_disk):
+        command = f"blk-write /dev/vda {offset} {length} {seed}"
+        moved = migrate_during(guest, command, disks, tmp_path)
+        try:
+            done = moved.wait_for("written=", 120)
+        except BaseException:
+            moved.close()
+            raise
     try:
-        done = moved.wait_for("written=", 120)
         expected = pattern(seed, 0, length)
         assert done.split("fnv=")[1] == fnv_hex(expected)
         with open(disks["data"], "rb") as f:
@@ -233,8 +244,9 @@ def test_balloon_statistics_and_free_page_reporting(test_kernel):
         guest.wait_for(READY, 180)
         balloon = guest.machine.devices["balloon"]
         _wait(lambda: "total_memory" in balloon.stats, "the first statistics")
-        total_kb = int(guest.command("meminfo").value("memtotal_kb"))
-        assert balloon.stats["total_memory"] == total_kb * 1024
+        total = int(guest.command("meminfo").value("memtotal_kb")) * 1024
+        # MemTotal grows as the kernel frees its init memory: fresh numbers follow it
+        _wait(lambda: balloon.stats["total_memory"] == total, "statistics matching MemTotal")
         populated = guest.machine.memory.populated_bytes()
         assert guest.command("mem-touch 8").rc == 0  # 8 MiB in use, then freed
         assert guest.command("mem-free").rc == 0
@@ -250,21 +262,27 @@ def test_live_migration_with_a_disk_read_in_flight_moves_what_the_device_wrote(
 ):
     """The device writes guest RAM (the read data, the used ring) behind KVM's dirty
     log; the migration must resend those pages or the target reads stale bytes."""
-    length, seed = 24 << 20, 23
+    from kvmkit.faults import FaultPlan, FaultRule, active_plan
+
+    length, seed = 32 << 20, 23
     with open(disks["data"], "r+b") as f:
         f.write(pattern(seed, 0, length))
-    source = restore(virtio_snapshot.path, disks)
-    try:
-        # 4 MB/s: pre-copy passes take seconds while the device writes the guest's buffer
-        command = f"blk-read /dev/vda 0 {length}"
-        moved = migrate_during(source, command, disks, tmp_path, bandwidth_bps=4_000_000)
-    finally:
-        source.close()
-    try:
-        done = moved.wait_for("read=", 120)
-        assert done.split("fnv=")[1] == fnv_hex(pattern(seed, 0, length))
-    finally:
-        moved.close()
+    # Each read request takes 250 ms more (a slow disk), so the read (64 requests, 16 s)
+    # outlasts the migration, whose pre-copy at 4 MB/s takes seconds while the device
+    # writes the guest's buffer.
+    slow_disk = FaultPlan([FaultRule("blk.read", action="delay", delay_s=0.25, times=0)])
+    with active_plan(slow_disk):
+        source = restore(virtio_snapshot.path, disks)
+        try:
+            command = f"blk-read /dev/vda 0 {length}"
+            moved = migrate_during(source, command, disks, tmp_path, bandwidth_bps=4_000_000)
+        finally:
+            source.close()
+        try:
+            done = moved.wait_for("read=", 120)
+            assert done.split("fnv=")[1] == fnv_hex(pattern(seed, 0, length))
+        finally:
+            moved.close()
 
 
 def test_a_replacement_disk_of_another_size_is_refused(virtio_snapshot, disks):
