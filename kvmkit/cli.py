@@ -19,7 +19,6 @@ from kvmkit.cli_args import join_dashed_values, positive_seconds
 from kvmkit.cli_devices import add_device_arguments, apply_device_args
 from kvmkit.cli_faults import add_fault_arguments, run_with_faults
 from kvmkit.cli_progress import Progress
-from kvmkit.devices.virtio import VirtioMmioDevice
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.guests.build import BUILTIN
 from kvmkit.machine import Machine, MachineConfig, RunResult, VmResources, build_for_boot
@@ -447,11 +446,12 @@ def run_notes(machine: Machine) -> list[str]:
                 else ""
             )
         )
-    for device in machine.devices.values():
-        if isinstance(device, VirtioMmioDevice):
-            notes.append(device.summary())
-            if (trouble := device.health()) is not None:
-                notes.append(trouble)
+    for device in machine.devices.values():  # virtio devices say what they did
+        summary, health = getattr(device, "summary", None), getattr(device, "health", None)
+        if summary is not None:
+            notes.append(summary())
+        if health is not None and (trouble := health()) is not None:
+            notes.append(trouble)
     kernel = machine.control.kernel
     if kernel is not None:
         if kernel.decompressed_s is not None:

@@ -13,7 +13,7 @@ Anything that fails on the way closes what was built and raises; nothing runs.
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from kvmkit.devices.bus import Device
 from kvmkit.devices.console import ConsoleOutput
@@ -35,16 +35,6 @@ from kvmkit.machine.kernel_console import KernelConsole
 from kvmkit.machine.machine import Machine, MachineParts
 from kvmkit.machine.resources import LinuxBoot, ProgramBoot, VmResources
 from kvmkit.machine.run_control import RunControl
-from kvmkit.machine.virtio_devices import (
-    KINDS as VIRTIO_KINDS,
-)
-from kvmkit.machine.virtio_devices import (
-    VirtioContext,
-    add_virtio_device,
-    check_host_overrides,
-    check_placement,
-    cmdline_params,
-)
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
 from kvmkit.memory.layout import format_size
@@ -62,6 +52,21 @@ from kvmkit.snapshot.model import (
 )
 from kvmkit.uapi.caps import Cap
 from kvmkit.uapi.cpu import KVM_MP_STATE_RUNNABLE
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def _virtio() -> "ModuleType":
+    """The virtio kinds (kvmkit/machine/virtio_devices.py), imported only by a machine
+    that has or had virtio devices: a plain run does not pay for them."""
+    from kvmkit.machine import virtio_devices
+
+    return virtio_devices
+
+
+def _wants_virtio(r: VmResources) -> bool:
+    return bool(r.drives or r.nets or r.vsock or r.balloon or r.entropy)
 
 
 class SavedSource(Protocol):
@@ -136,8 +141,12 @@ class _Assembly:
     def add_virtio_devices(self, resources: VmResources) -> None:
         """The boot road: every virtio device the resources ask for, in kind order."""
         assert self.devices is not None and self.memory is not None
-        context = VirtioContext(self.memory, events=self.events)
-        for kind in VIRTIO_KINDS.values():
+        if not _wants_virtio(resources):
+            return
+        virtio = _virtio()
+        add_virtio_device = virtio.add_virtio_device
+        context = virtio.VirtioContext(self.memory, events=self.events)
+        for kind in virtio.KINDS.values():
             for device_id, config in kind.configs(resources):
                 irq = self.devices.irq_line(device_id, irqfd=True)
                 device = kind.make(device_id, context, irq, config, None)
@@ -159,12 +168,18 @@ class _Assembly:
         at the MMIO base and GSI it had."""
         assert self.devices is not None and self.memory is not None
         o = options or RestoreOptions()
-        context = VirtioContext(
+        if not any(r.kind.startswith("virtio-") for r in d.devices) and not (
+            o.net_taps or o.vsock_uds
+        ):
+            return
+        virtio = _virtio()
+        add_virtio_device = virtio.add_virtio_device
+        context = virtio.VirtioContext(
             self.memory, drive_paths, self.events, o.net_taps or {}, o.vsock_uds
         )
-        check_host_overrides([(r.kind, r.config) for r in d.devices], context)
+        virtio.check_host_overrides([(r.kind, r.config) for r in d.devices], context)
         for record in d.devices:
-            kind = VIRTIO_KINDS.get(record.kind)
+            kind = virtio.KINDS.get(record.kind)
             if kind is None:
                 continue
             where = f"machine section: device {record.id!r}: config"
@@ -295,7 +310,7 @@ def build_for_boot(
     try:
         spec, boot = resources.machine, resources.boot
         resources.validate(max_vcpus=a.kvm.check_extension(Cap.MAX_VCPUS))
-        if spec.hide != "off" and any(k.configs(resources) for k in VIRTIO_KINDS.values()):
+        if spec.hide != "off" and _wants_virtio(resources):
             raise ConfigError(
                 "virtio devices read and write guest RAM wherever the driver puts buffers:"
                 " they cannot be used with --hide-guest-memory"
@@ -375,7 +390,7 @@ def _boot_linux(
             f" line to leave {', '.join(hide)} alone ({' '.join(extra)})"
         )
     root = None if root_drive is None else f"blk{root_drive}"
-    extra = extra + cmdline_params(list(a.devices.placements.values()), root)
+    extra = extra + _virtio().cmdline_params(list(a.devices.placements.values()), root)
     plan = linux_boot.load(a.memory, boot, nr_vcpus, tsc_khz, irqs, extra)
     for vcpu in a.vcpus:
         linux_boot.setup_vcpu(vcpu, plan, supported, nr_vcpus, a.kvm.is_pvm, irqchip, a.memory)
@@ -498,9 +513,11 @@ def _check_devices(d: MachineDescription) -> None:
     """The saved machine's devices must be this kvmkit's platform, at the same places,
     and virtio devices of kinds this kvmkit knows, each in an MMIO slot with an IRQ."""
     for record in d.devices:
-        if record.kind in VIRTIO_KINDS:
+        if record.kind.startswith("virtio-") and record.kind in _virtio().KINDS:
             try:
-                check_placement(record.id, record.kind, record.bus, record.length, record.gsi)
+                _virtio().check_placement(
+                    record.id, record.kind, record.bus, record.length, record.gsi
+                )
             except ConfigError as e:
                 raise StreamFormatError(f"machine section: {e}") from None
             continue
