@@ -168,16 +168,13 @@ class _Assembly:
         at the MMIO base and GSI it had."""
         assert self.devices is not None and self.memory is not None
         o = options or RestoreOptions()
-        if not any(r.kind.startswith("virtio-") for r in d.devices) and not (
-            o.net_taps or o.vsock_uds
-        ):
-            return
+        if not any(r.kind.startswith("virtio-") for r in d.devices):
+            return  # overrides without devices were refused by _check_overrides
         virtio = _virtio()
         add_virtio_device = virtio.add_virtio_device
         context = virtio.VirtioContext(
             self.memory, drive_paths, self.events, o.net_taps or {}, o.vsock_uds
         )
-        virtio.check_host_overrides([(r.kind, r.config) for r in d.devices], context)
         for record in d.devices:
             kind = virtio.KINDS.get(record.kind)
             if kind is None:
@@ -390,7 +387,8 @@ def _boot_linux(
             f" line to leave {', '.join(hide)} alone ({' '.join(extra)})"
         )
     root = None if root_drive is None else f"blk{root_drive}"
-    extra = extra + _virtio().cmdline_params(list(a.devices.placements.values()), root)
+    if a.virtio:
+        extra = extra + _virtio().cmdline_params(list(a.devices.placements.values()), root)
     plan = linux_boot.load(a.memory, boot, nr_vcpus, tsc_khz, irqs, extra)
     for vcpu in a.vcpus:
         linux_boot.setup_vcpu(vcpu, plan, supported, nr_vcpus, a.kvm.is_pvm, irqchip, a.memory)
@@ -486,6 +484,8 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
             raise ConfigError(
                 f"{source.what} has {d.vcpus} vCPUs, more than this host's KVM allows"
             )
+        _check_devices(d)  # before any memory arrives: a bad device or override costs
+        _check_overrides(d, options)  # nothing then (a migration's whole pre-copy, later)
         a.platform(d.irqchip, 0)
         a.memory = GuestMemory(a.vm, d.memory_bytes, backend, hugepage_size=d.hugepage_size)
         check_layout(d, a.memory)
@@ -493,7 +493,6 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
         a.console = open_console(options.console, options.console_stream)
         if d.boot.kind == "linux":
             _watch_kernel(a)
-        _check_devices(d)
         a.add_platform_devices(saved)
         a.add_saved_virtio_devices(d, saved, options.drive_paths or {}, options)
         for i in range(d.vcpus):
@@ -501,12 +500,32 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
         cpu_state.apply_vm(a.vm, saved.vm, "VM state")
         for i, (vcpu, state) in enumerate(zip(a.vcpus, saved.vcpus, strict=True)):
             cpu_state.apply_vcpu(vcpu, state, f"vCPU {i} state")
-        machine = a.machine(d, None)
+        machine = a.machine(_in_use(d, a.virtio), None)
         machine.restore_notes = notes
         return machine
     except BaseException:
         a.close()
         raise
+
+
+def _check_overrides(d: MachineDescription, o: RestoreOptions) -> None:
+    """Replacement files, taps and sockets must name devices the saved machine has."""
+    if o.drive_paths or o.net_taps or o.vsock_uds:
+        _virtio().check_host_overrides(
+            [(r.kind, r.config) for r in d.devices],
+            o.drive_paths or {},
+            o.net_taps or {},
+            o.vsock_uds,
+        )
+
+
+def _in_use(d: MachineDescription, virtio: dict[str, tuple[str, object]]) -> MachineDescription:
+    """The saved description with each virtio device's configuration as it is now
+    (a replacement disk, another tap): what this machine's own snapshots must name."""
+    devices = [
+        replace(r, config=encode(virtio[r.id][1])) if r.id in virtio else r for r in d.devices
+    ]
+    return replace(d, devices=devices)
 
 
 def _check_devices(d: MachineDescription) -> None:

@@ -15,6 +15,7 @@ queue index), each served on the event loop. `cmdline_params` gives the guest's
 """
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -64,7 +65,8 @@ def _drives(r: VmResources) -> list[tuple[str, Any]]:
 
 
 def _make_blk(name: str, ctx: VirtioContext, irq: Any, config: BlkConfig, state: Any) -> VirtioBlk:  # noqa: ANN401
-    path = ctx.drive_paths.get(config.drive_id, config.path)
+    path = os.path.abspath(ctx.drive_paths.get(config.drive_id, config.path))
+    config = replace(config, path=path)  # the machine's description names the file in use
     return VirtioBlk(name, ctx.memory, irq, config, path, state)
 
 
@@ -181,19 +183,35 @@ def add_virtio_device(
     return base
 
 
-def check_host_overrides(saved: list[tuple[str, Mapping[str, Any]]], ctx: VirtioContext) -> None:
-    """The taps and vsock socket given for a restore must name devices the saved machine
-    has (a misspelt interface id would otherwise be ignored in silence)."""
+def check_host_overrides(
+    saved: list[tuple[str, Mapping[str, Any]]],
+    drive_paths: Mapping[str, str],
+    net_taps: Mapping[str, str],
+    vsock_uds: str | None,
+) -> None:
+    """The drives, taps and vsock socket given for a restore must name devices the saved
+    machine has (a misspelt id would otherwise be ignored in silence, and a restored
+    guest would write to the disk it was meant to leave alone)."""
+    drives = [str(c.get("drive_id")) for kind, c in saved if kind == "virtio-blk"]
+    for drive in drive_paths:
+        if drive not in drives:
+            has = ", ".join(drives) if drives else "none"
+            raise ConfigError(
+                f"a replacement file for drive {drive[:40]!r}: the saved machine has no such"
+                f" drive (its drives: {has})"
+            )
     ifaces = [str(c.get("iface_id")) for kind, c in saved if kind == "virtio-net"]
-    for iface in ctx.net_taps:
+    for iface in net_taps:
         if iface not in ifaces:
             has = ", ".join(ifaces) if ifaces else "none"
             raise ConfigError(
-                f"--net-tap {iface}=...: the saved machine has no network interface"
-                f" {iface[:40]!r} (its interfaces: {has})"
+                f"a tap for network interface {iface[:40]!r}: the saved machine has no such"
+                f" interface (its interfaces: {has})"
             )
-    if ctx.vsock_uds is not None and not any(kind == "virtio-vsock" for kind, _ in saved):
-        raise ConfigError("--vsock-uds: the saved machine has no vsock device")
+    if vsock_uds is not None and not any(kind == "virtio-vsock" for kind, _ in saved):
+        raise ConfigError(
+            "a vsock socket path was given, but the saved machine has no vsock device"
+        )
 
 
 def check_placement(device_id: str, kind: str, bus: str, length: int, gsi: int | None) -> None:

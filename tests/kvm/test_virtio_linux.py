@@ -164,6 +164,33 @@ def test_a_missing_backing_file_on_restore_is_one_clear_error(virtio_snapshot, d
     assert os.path.exists(disks["data"])
 
 
+def test_a_drive_path_for_a_drive_the_snapshot_lacks_is_refused(virtio_snapshot, disks):
+    from kvmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"drive 'dtaa': the saved machine has no such drive"):
+        restore_snapshot(
+            virtio_snapshot.path,
+            console_stream=io.BytesIO(),
+            drive_paths={"dtaa": str(disks["data"])},
+        )
+
+
+def test_a_restored_machine_snapshots_the_disk_it_was_given(guest, disks, tmp_path):
+    """After a restore onto a copy of a disk, the machine's own next snapshot names the
+    copy: restoring that one without --drive-path must not reopen the original."""
+    from kvmkit.snapshot.file import SnapshotFile
+
+    snap = tmp_path / "again.snap"
+    take_snapshot(guest.machine, str(snap), resume=True)
+    with SnapshotFile(snap) as saved:
+        paths = {
+            r.config["drive_id"]: r.config["path"]
+            for r in saved.saved.description.devices
+            if r.kind == "virtio-blk"
+        }
+    assert paths == {k: str(v) for k, v in disks.items()}
+
+
 def migrate_during(
     guest: LinuxGuest, command: str, disks, tmp_path: Path, bandwidth_bps: int = 0
 ) -> LinuxGuest:

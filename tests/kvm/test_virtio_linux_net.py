@@ -331,7 +331,7 @@ def test_overrides_must_name_what_the_snapshot_has(net_snapshot, linux_snapshot,
     from kvmkit.errors import ConfigError
 
     path, _ = net_snapshot
-    with pytest.raises(ConfigError, match=r"no network interface 'eht0' \(its interfaces: eth0\)"):
+    with pytest.raises(ConfigError, match=r"'eht0': the saved machine has no such interface \(its"):
         restore_guest(path, net_taps={"eht0": "tap9"})
     with pytest.raises(ConfigError, match="the saved machine has no vsock device"):
         restore_guest(linux_snapshot.path, vsock_uds=str(tmp_path / "v.sock"))
