@@ -392,24 +392,24 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> int:
             ConsoleInput(fd, machine.serial, machine.events)
         server: ApiServer | None = None
         timer = None
-        try:  # a signal before the run starts ends it as one during the run would
-            if args.api_socket:
-                from kvmkit.api import server as api  # a run without the API skips it
-
-                with cli_signals.deferred():  # once bound, the socket is `server`'s to remove
-                    server = api.ApiServer(args.api_socket, machine).start()
-            if limit := getattr(args, "run_timeout", None):
-                why = f"stopped: the run reached its --timeout of {limit:g} s"
-                timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
-                timer.daemon = True
-                timer.start()
-        except Terminated:
-            machine.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
-        except KeyboardInterrupt:
-            machine.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
         try:
+            try:  # a signal before the run starts ends it as one during the run would
+                if args.api_socket:
+                    from kvmkit.api import server as api  # a run without the API skips it
+
+                    with cli_signals.deferred():  # once bound, `server` removes the socket
+                        server = api.ApiServer(args.api_socket, machine).start()
+                if limit := getattr(args, "run_timeout", None):
+                    why = f"stopped: the run reached its --timeout of {limit:g} s"
+                    timer = threading.Timer(limit, machine.stop, (EXIT_TIMEOUT, why))
+                    timer.daemon = True
+                    timer.start()
+            except Terminated:
+                machine.stop(EXIT_TERMINATED, "terminated (SIGTERM)")
+            except KeyboardInterrupt:
+                machine.stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
             result = machine.run()
-        finally:
+        finally:  # however the run ended (a second signal included), nothing is left
             if timer is not None:
                 timer.cancel()
             if server is not None:

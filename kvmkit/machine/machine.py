@@ -406,6 +406,7 @@ class Machine:
         if self.lazy is not None:
             self.lazy.close()
             self.lazy = None
+        self.events.hold(1.0)  # no device callback runs while the devices close their fds
         self.device_manager.close()
         self.events.close()
         self.console.close()

@@ -14,10 +14,11 @@ device sets DEVICE_NEEDS_RESET in its status, raises a configuration-change
 interrupt and ignores its queues until the driver resets it (writes 0 to Status).
 """
 
+import contextlib
 import functools
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -261,12 +262,19 @@ class VirtioMmioDevice:
                 return  # before DRIVER_OK, after an error, or no such queue: ignored
             if not self.queues[index].ready:
                 return
-            try:
+            with self.guest_rules(f"{self.name} queue {index}"):
                 self.device_queue(index)
-            except QueueError as e:
-                self.fail(str(e))
-            except KvmkitError as e:  # guest RAM the walker let through, then refused
-                self.fail(f"{self.name} queue {index}: {e}")
+
+    @contextlib.contextmanager
+    def guest_rules(self, where: str) -> Iterator[None]:
+        """Work on the driver's rings (a notification, a host fd that became ready): a
+        ring the driver broke sets NEEDS_RESET; it never stops the machine."""
+        try:
+            yield
+        except QueueError as e:
+            self.fail(str(e))
+        except KvmkitError as e:  # guest RAM the walker let through, then refused
+            self.fail(f"{where}: {e}")
 
     # -- registers (vCPU threads) ---------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

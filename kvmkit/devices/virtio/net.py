@@ -263,7 +263,8 @@ class VirtioNet(VirtioMmioDevice):
             if not self.active:
                 self._drain()  # no driver: frames are dropped, as on a NIC that is down
                 return
-            self._receive()
+            with self.guest_rules(f"{self.name} receive"):
+                self._receive()
 
     def _drain(self) -> None:
         for _ in range(RX_BUDGET):

@@ -129,7 +129,7 @@ class VirtioVsock(VirtioMmioDevice):
             self.signal_used(TX)
 
     def _host_ready(self) -> None:
-        with self.lock:
+        with self.lock, self.guest_rules(f"{self.name} receive"):
             if self.active:
                 self._fill_rx()
 
@@ -159,7 +159,7 @@ class VirtioVsock(VirtioMmioDevice):
             self.signal_used(RX)
 
     def _send_reset(self) -> None:
-        with self.lock:
+        with self.lock, self.guest_rules(f"{self.name} event queue"):
             if not self.reset_pending or not self.active:
                 return
             q = self.queues[EVENT]

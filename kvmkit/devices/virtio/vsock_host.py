@@ -265,7 +265,12 @@ class HybridVsockHost:
             self._loose_rst(h)
             return
         path = f"{self.uds}_{h.dst_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:  # out of fds (EMFILE) refuses this stream like a host nobody listens on
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError:
+            self.refused += 1
+            self._loose_rst(h)
+            return
         try:
             sock.connect(path)
         except OSError:  # nobody listens (ENOENT, ECONNREFUSED) or the backlog is full
