@@ -316,10 +316,10 @@ def put_migrate_receive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> 
 
     if vmm.started or vmm.receiving:
         raise Fault("PUT /kvmkit/migrate-receive is only allowed before the microVM starts")
-    if vmm.configured:
+    if vmm.configured or vmm.vsock is not None:
         raise Fault(
             "PUT /kvmkit/migrate-receive is not allowed after configuring boot-specific"
-            " resources: the machine comes from the source"
+            " resources (vsock included): the machine and its devices come from the source"
         )
     incoming = IncomingMigration(d["listen"])
     state: dict[str, Any] = {"role": "target", "state": "waiting", "listen": incoming.address}
@@ -340,8 +340,9 @@ def put_migrate_receive(vmm: VmmState, p: dict[str, str], d: dict[str, Any]) -> 
                 progress=progress,
             )
             incoming.commit()
-        except KvmkitError as e:
-            vmm.migration = {**state, "state": "failed", "error": str(e)}
+        except Exception as e:  # any failure is the migration's, never a dead thread
+            why = str(e) if isinstance(e, KvmkitError) else f"{type(e).__name__}: {e}"
+            vmm.migration = {**state, "state": "failed", "error": why}
             vmm.receiving = False
             return
         finally:
