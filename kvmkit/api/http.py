@@ -195,7 +195,8 @@ def _read_request(
     except (UnicodeDecodeError, ValueError):
         raise BadRequest(400, "the request line is not 'METHOD PATH HTTP/1.1'") from None
     if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise BadRequest(505, f"{version[:20]!r} is not HTTP/1.1")
+        # 400, not 505: a client's mistake (kvmkit answers no 5xx for what a client sent)
+        raise BadRequest(400, f"{version[:20]!r} is not HTTP/1.1: kvmkit serves HTTP/1.1")
     headers: dict[str, str] = {}
     total = 0
     while True:
