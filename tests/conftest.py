@@ -1,6 +1,7 @@
 import io
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,34 @@ def skip_without_kvm(items: list, folder: str) -> None:
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(skip)
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _no_kvmkit_left_running():
+    """A test that fails half-way must not leave its kvmkit processes running (a guest
+    spinning for the rest of the session slows every later test)."""
+    before = _children()
+    yield
+    for pid in _children() - before:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"kvmkit" not in f.read():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (OSError, ChildProcessError):
+            continue
 
 
 @pytest.fixture(autouse=True, scope="session")

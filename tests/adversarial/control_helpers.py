@@ -25,7 +25,11 @@ class Vm(Source):
     def __init__(self, tmp: Path, *extra: str, prefix: list[str] | None = None) -> None:
         need_kvm()
         super().__init__(tmp, "counter", 0, *extra, prefix=prefix)
-        settle(lambda: call(self.socket, "status")["state"] == "running")
+        try:
+            settle(lambda: call(self.socket, "status")["state"] == "running")
+        except BaseException:
+            self.kill()  # never left counting for the rest of the session
+            raise
 
     def warm_up(self, tmp: Path) -> None:
         """One of each request, so that threads started on first use (the console

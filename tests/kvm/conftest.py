@@ -4,7 +4,6 @@ Where /dev/kvm is missing they are skipped with the reason (shown by -ra).
 """
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -38,31 +37,3 @@ def write_guest(tmp_path: Path, name: str, load_addr: int = 0x100000) -> str:
 
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids.update(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return pids
-
-
-@pytest.fixture(autouse=True)
-def _no_kvmkit_left_running():
-    """A test that fails half-way must not leave its kvmkit processes running (a guest
-    spinning for the rest of the session slows every later test)."""
-    before = _children()
-    yield
-    for pid in _children() - before:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"kvmkit" not in f.read():
-                    continue
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (OSError, ChildProcessError):
-            continue
