@@ -294,10 +294,10 @@ def test_live_migration_with_a_disk_read_in_flight_moves_what_the_device_wrote(
     length, seed = 32 << 20, 23
     with open(disks["data"], "r+b") as f:
         f.write(pattern(seed, 0, length))
-    # Each read request takes 250 ms more (a slow disk), so the read (64 requests, 16 s)
-    # outlasts the migration, whose pre-copy at 4 MB/s takes seconds while the device
-    # writes the guest's buffer.
-    slow_disk = FaultPlan([FaultRule("blk.read", action="delay", delay_s=0.25, times=0)])
+    # Each read request takes a second more (a slow disk), so the read (about 32 requests
+    # of up to 1 MiB: half a minute) outlasts the migration, whose pre-copy at 4 MB/s
+    # takes seconds while the device writes the guest's buffer.
+    slow_disk = FaultPlan([FaultRule("blk.read", action="delay", delay_s=1.0, times=0)])
     with active_plan(slow_disk):
         source = restore(virtio_snapshot.path, disks)
         try:
