@@ -30,7 +30,7 @@ from kvmkit.machine.machine import Machine
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.memory.userfault import Userfaultfd
-from kvmkit.snapshot.file import SnapshotFile
+from kvmkit.snapshot.file import SnapshotFile, SnapshotFileSource
 from kvmkit.snapshot.format import MACHINE, MEMORY, StreamWriter, pack_json
 from kvmkit.snapshot.machine_state import capture_state, header_for, write_state
 from kvmkit.snapshot.memory_image import Extent, chunked, pack_index
@@ -111,23 +111,10 @@ def _write_memory(memory: GuestMemory, chunks: list[Extent], path: Path) -> None
 
 
 @dataclass
-class SplitSource:
+class SplitSource(SnapshotFileSource):
     """A state file plus a raw memory file, as a builder's saved source."""
 
-    snap: SnapshotFile
     mem_path: str
-
-    @property
-    def what(self) -> str:
-        return f"snapshot {self.snap.path}"
-
-    @property
-    def header(self) -> dict[str, Any]:
-        return self.snap.saved.header
-
-    @property
-    def description(self) -> MachineDescription:
-        return self.snap.saved.description
 
     def load(self, memory: GuestMemory) -> MachineState:
         """Copy the populated ranges of the raw memory file into guest memory."""

@@ -9,7 +9,7 @@ only if it is a kvmkit snapshot: anything else at the path is never overwritten.
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import enter_phase
@@ -20,11 +20,11 @@ from kvmkit.machine.operations import SNAPSHOT as SNAPSHOT_OPERATION
 from kvmkit.machine.result import EXIT_HOST_ERROR
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot import file as snapshot_file
-from kvmkit.snapshot.file import SnapshotFile, SnapshotReport
+from kvmkit.snapshot.file import SnapshotFile, SnapshotFileSource, SnapshotReport
 from kvmkit.snapshot.format import MAGIC
 from kvmkit.snapshot.lazy import LazyRestore, start_lazy_restore
 from kvmkit.snapshot.machine_state import ProgressFn, read_memory
-from kvmkit.snapshot.model import MachineDescription, MachineState
+from kvmkit.snapshot.model import MachineState
 
 SNAPSHOT = "snapshot"  # the pause holder while a snapshot is written
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on a file name and a path, in bytes
@@ -119,26 +119,13 @@ def check_replaceable(path: str | os.PathLike[str], replace: bool) -> None:
 
 
 @dataclass
-class _SnapshotSource:
+class _SnapshotSource(SnapshotFileSource):
     """A snapshot file as a builder's saved source: memory eagerly or lazily."""
 
-    snap: SnapshotFile
     lazy: bool
     prefetch: bool
     progress: ProgressFn | None
     loader: LazyRestore | None = None
-
-    @property
-    def what(self) -> str:
-        return f"snapshot {self.snap.path}"
-
-    @property
-    def header(self) -> dict[str, Any]:
-        return self.snap.saved.header
-
-    @property
-    def description(self) -> MachineDescription:
-        return self.snap.saved.description
 
     def load(self, memory: GuestMemory) -> MachineState:
         saved = self.snap.saved

@@ -39,6 +39,7 @@ from kvmkit.snapshot.machine_state import (
     write_machine,
 )
 from kvmkit.snapshot.memory_image import CHUNK_BYTES
+from kvmkit.snapshot.model import MachineDescription
 
 
 class SnapshotWriteError(KvmkitError):
@@ -345,3 +346,24 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
             "memory": memory,
             "checksums": f"{reader.sections} sections and the header verified",
         }
+
+
+@dataclass
+class SnapshotFileSource:
+    """A snapshot file as a builder's saved source (kvmkit.machine.builder.SavedSource):
+    what it is, its header and machine description come from the file; a subclass says
+    how guest memory is filled (`load`)."""
+
+    snap: SnapshotFile
+
+    @property
+    def what(self) -> str:
+        return f"snapshot {self.snap.path}"
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self.snap.saved.header
+
+    @property
+    def description(self) -> MachineDescription:
+        return self.snap.saved.description
