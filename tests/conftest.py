@@ -9,6 +9,7 @@ import pytest
 
 from kvmkit.guests.linux.build import linux_cache_root
 from kvmkit.testing.harness import kvm_unavailable_reason
+from kvmkit.testing.netns import NetLab
 
 
 def skip_without_kvm(items: list, folder: str) -> None:
@@ -50,6 +51,17 @@ def _no_kvmkit_left_running():
             os.waitpid(pid, 0)
         except (OSError, ChildProcessError):
             continue
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A throwaway network namespace with a tap (kvmkit/testing/netns.py) for one test
+    module's network tests; they skip with the reason where one cannot be made."""
+    reason = NetLab.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with NetLab.create() as lab:
+        yield lab
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,17 +11,8 @@ import pytest
 
 from kvmkit.faults import FaultPlan, active_plan, parse_rule
 from kvmkit.testing.linux import restore_guest
-from kvmkit.testing.netns import GUEST_IP, HOST_IP, NetLab
+from kvmkit.testing.netns import GUEST_IP, HOST_IP
 from tests.net_helpers import EchoServer, boot_net_snapshot, expect, output, peer
-
-
-@pytest.fixture(scope="module")
-def lab():
-    reason = NetLab.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    with NetLab.create() as lab:
-        yield lab
 
 
 @pytest.fixture(scope="module")

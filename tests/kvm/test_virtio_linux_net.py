@@ -35,15 +35,6 @@ from tests.net_helpers import (
 
 
 @pytest.fixture(scope="module")
-def lab():
-    reason = NetLab.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    with NetLab.create() as lab:
-        yield lab
-
-
-@pytest.fixture(scope="module")
 def net_snapshot(test_kernel, lab, tmp_path_factory):
     """The test kernel booted with eth0 on the lab's tap and a vsock, eth0 up."""
     return boot_net_snapshot(test_kernel, lab, tmp_path_factory.mktemp("net"))
