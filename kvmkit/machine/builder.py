@@ -158,22 +158,17 @@ class _Assembly:
                 self.virtio[device_id] = (kind.kind, getattr(device, "config", config))
 
     def add_saved_virtio_devices(
-        self,
-        d: MachineDescription,
-        saved: MachineState,
-        drive_paths: dict[str, str],
-        options: RestoreOptions | None = None,
+        self, d: MachineDescription, saved: MachineState, o: RestoreOptions
     ) -> None:
         """The saved road: each virtio device rebuilt from its configuration and state,
-        at the MMIO base and GSI it had."""
+        at the MMIO base and GSI it had, with the replacements `o` names."""
         assert self.devices is not None and self.memory is not None
-        o = options or RestoreOptions()
         if not any(r.kind.startswith("virtio-") for r in d.devices):
             return  # overrides without devices were refused by _check_overrides
         virtio = _virtio()
         add_virtio_device = virtio.add_virtio_device
         context = virtio.VirtioContext(
-            self.memory, drive_paths, self.events, o.net_taps or {}, o.vsock_uds
+            self.memory, o.drive_paths or {}, self.events, o.net_taps or {}, o.vsock_uds
         )
         for record in d.devices:
             kind = virtio.KINDS.get(record.kind)
@@ -494,7 +489,7 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
         if d.boot.kind == "linux":
             _watch_kernel(a)
         a.add_platform_devices(saved)
-        a.add_saved_virtio_devices(d, saved, options.drive_paths or {}, options)
+        a.add_saved_virtio_devices(d, saved, options)
         for i in range(d.vcpus):
             a.vcpus.append(a.vm.create_vcpu(i))
         cpu_state.apply_vm(a.vm, saved.vm, "VM state")
