@@ -1,8 +1,14 @@
 """The per-vCPU loop: KVM_RUN, dispatch the exit from a table, repeat. The hot path.
 
 The loop knows nothing of KVM beyond `VcpuPort`: a prebound runner returning exit
-reasons and a view that decodes exits (kvmkit/kvm/exits.py). A machine builds one
-from a real vCPU; a unit test builds one from scripted fake exits.
+reasons and the decoder of that vCPU's exits (kvmkit/kvm/exits.py). A machine builds
+one from a real vCPU; a unit test from exits it writes into a kvm_run-shaped buffer
+(kvmkit/testing/exits.py).
+
+Every microsecond here is paid per exit, so the loop does no more than it must: the
+dispatch table is a list indexed by reason, port and MMIO exits are read as raw field
+tuples, and the machine's stop is not polled: a stop kicks every vCPU (immediate_exit),
+so it arrives as an INTR exit, which `on_kick` answers.
 """
 
 import errno
@@ -23,7 +29,7 @@ from kvmkit.kvm.exits import (
     NR_REASONS,
     SHUTDOWN,
     SYSTEM_EVENT,
-    ExitView,
+    ExitDecoder,
     IoExit,
     MmioExit,
 )
@@ -41,11 +47,11 @@ class VcpuPort:
 
     index: int
     run: Callable[[], int]  # KVM_RUN; returns the exit reason (INTR for a kick)
-    exits: ExitView
+    exits: ExitDecoder
     pio: Bus
     mmio: Bus
-    stopping: Callable[[], bool]
-    stop: StopFn  # (status, reason, detail): ends the machine; the first call wins
+    stopping: Callable[[], bool]  # checked before the first KVM_RUN
+    stop: StopFn  # (status, reason, detail): ends the machine and kicks every vCPU
     on_kick: Handler  # KVM_RUN was interrupted (pause, stop, halt check)
     on_hlt: Handler  # a HLT exit (only without an in-kernel LAPIC)
     describe: Callable[[], str] = lambda: ""  # the registers, for crash reports
@@ -73,55 +79,57 @@ def run_vcpu(port: VcpuPort) -> None:
         port.stop(EXIT_HOST_ERROR, f"{who}: internal error: {type(e).__name__}: {e}", "")
 
 
-def handlers(port: VcpuPort) -> dict[int, Handler]:
-    """The dispatch table: exit reason -> handler of the current exit."""
+def handlers(port: VcpuPort) -> list[Handler | None]:
+    """The dispatch table: exit reason -> handler of the current exit (None: the exit
+    ends the machine)."""
     exits, pio, mmio = port.exits, port.pio, port.mmio
     pio_cache: dict[int, Hit] = {}
     mmio_cache: dict[int, Hit] = {}
     checked = port.device_faults
-
-    decode_io, io_value, complete_io_in = exits.io, exits.io_value, exits.complete_io_in
+    io_fields, mmio_fields, data = exits.io_fields, exits.mmio_fields, exits.page
+    io_value, complete_io_in = exits.io_value, exits.complete_io_in
+    complete_mmio_read = exits.complete_mmio_read
 
     def on_io() -> bool:
-        e = decode_io()
-        out, size, where, count, _ = e
+        out, size, where, count, at = io_fields()
         hit = pio_cache.get(where)
         if hit is None or where + size > hit[1]:
             hit = _lookup(pio, pio_cache, where, size)
             if hit is None:
-                return _unclaimed_io(port, e)
+                return _unclaimed_io(port, exits.io())
         base, _, dev = hit
         if checked:
             _device_fault(dev, where)
         rel = where - base
         if out:
-            if count == 1:  # the common case: one access
-                dev.write(rel, size, io_value(e, 0))
+            if count == 1 and size == 1:  # the common case: one byte
+                dev.write(rel, 1, data[at])
             else:
                 for i in range(count):
-                    dev.write(rel, size, io_value(e, i))
+                    dev.write(rel, size, io_value(at + i * size, size))
         else:
             for i in range(count):
-                complete_io_in(e, i, dev.read(rel, size))
+                complete_io_in(at + i * size, size, dev.read(rel, size))
         return True
 
     def on_mmio() -> bool:
-        e = exits.mmio()
-        hit = mmio_cache.get(e.addr)
-        if hit is None or e.addr + e.length > hit[1]:
-            hit = _lookup(mmio, mmio_cache, e.addr, e.length)
+        addr, raw, length, is_write = mmio_fields()
+        hit = mmio_cache.get(addr)
+        if hit is None or addr + length > hit[1]:
+            hit = _lookup(mmio, mmio_cache, addr, length)
             if hit is None:
-                return _unclaimed_mmio(port, e)
+                return _unclaimed_mmio(port, exits.mmio())
         base, _, dev = hit
         if checked:
-            _device_fault(dev, e.addr)
-        if e.is_write:
-            dev.write(e.addr - base, e.length, int.from_bytes(e.data, "little"))
+            _device_fault(dev, addr)
+        if is_write:
+            dev.write(addr - base, length, int.from_bytes(raw[:length], "little"))
         else:
-            exits.complete_mmio_read(e, dev.read(e.addr - base, e.length))
+            complete_mmio_read(length, dev.read(addr - base, length))
         return True
 
-    table: dict[int, Handler] = {IO: on_io, MMIO: on_mmio, INTR: port.on_kick, HLT: port.on_hlt}
+    table: list[Handler | None] = [None] * NR_REASONS
+    table[IO], table[MMIO], table[INTR], table[HLT] = on_io, on_mmio, port.on_kick, port.on_hlt
     if port.on_shutdown is not None:
         table[SHUTDOWN] = port.on_shutdown
     if port.on_ring_full is not None:
@@ -137,12 +145,17 @@ def handlers(port: VcpuPort) -> dict[int, Handler]:
 
 def _loop(port: VcpuPort) -> None:
     table = handlers(port)
-    get = table.get
-    run, stopping, counts = port.run, port.stopping, port.counts
-    while not stopping():
+    run, counts = port.run, port.counts
+    if port.stopping():
+        return
+    while True:
         reason = run()
-        counts[reason if reason < NR_REASONS else 0] += 1
-        handler = get(reason)
+        if reason < NR_REASONS:
+            counts[reason] += 1
+            handler = table[reason]
+        else:  # past the table: counted as 0, and it ends the machine
+            counts[0] += 1
+            handler = None
         if handler is None:
             status, why = ending_exit(port.exits, reason)
             port.stop(
@@ -153,7 +166,7 @@ def _loop(port: VcpuPort) -> None:
             return
 
 
-def ending_exit(exits: ExitView, reason: int) -> tuple[int, str]:
+def ending_exit(exits: ExitDecoder, reason: int) -> tuple[int, str]:
     """The run status and reason for an exit that ends the machine."""
     if reason == SHUTDOWN:
         return EXIT_GUEST_CRASH, "guest shut down (KVM_EXIT_SHUTDOWN: triple fault)"
@@ -216,9 +229,9 @@ def _unclaimed_io(port: VcpuPort, e: IoExit) -> bool:
         port.unclaimed += 1
         if not e.out:
             for i in range(e.accesses):
-                port.exits.complete_io_in(e, i, -1)
+                port.exits.complete_io_in(e.data_offset + i * e.size, e.size, -1)
         return True
-    value = port.exits.io_value(e, 0) if e.out else 0
+    value = port.exits.io_value(e.data_offset, e.size) if e.out else 0
     port.stop(
         EXIT_GUEST_CRASH,
         f"vCPU {port.index} {_access(e.out, e.size, value)} port {e.port:#x},"
@@ -232,7 +245,7 @@ def _unclaimed_mmio(port: VcpuPort, e: MmioExit) -> bool:
     if port.ignore_unclaimed:
         port.unclaimed += 1
         if not e.is_write:
-            port.exits.complete_mmio_read(e, -1)
+            port.exits.complete_mmio_read(e.length, -1)
         return True
     value = int.from_bytes(e.data, "little")
     port.stop(
