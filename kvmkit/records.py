@@ -62,19 +62,21 @@ def decode(
     return _Decoder(error, allow_unknown).record(cls, value, where, 0)
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
+    """What a decoded JSON or TOML value is, in JSON's words ("an integer", "an array"),
+    for messages that say what was expected and what came instead."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
-        return "a number"
+        return "an integer"
     if isinstance(value, float):
         return "a number"
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
-        return "a list"
+        return "an array"
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
@@ -92,7 +94,7 @@ class _Decoder:
         if depth > MAX_DEPTH:
             raise self.fail(where, f"nested deeper than {MAX_DEPTH} levels")
         if not isinstance(value, Mapping):
-            raise self.fail(where, f"must be an object, not {_describe(value)}")
+            raise self.fail(where, f"must be an object, not {describe(value)}")
         hints = _hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = [k for k in value if k not in fields]
@@ -141,7 +143,7 @@ class _Decoder:
                     return self.value(option, value, where, depth, metadata)
                 except KvmkitError:
                     continue
-            raise self.error(f"{where}: {_describe(value)} fits none of its types")
+            raise self.error(f"{where}: {describe(value)} fits none of its types")
         if origin is Literal:
             allowed = get_args(tp)
             if value not in allowed or isinstance(value, bool) != any(
@@ -154,27 +156,27 @@ class _Decoder:
             return self.record(tp, value, where, depth)  # type: ignore[arg-type]
         if tp is bool:
             if not isinstance(value, bool):
-                raise self.error(f"{where}: must be true or false, not {_describe(value)}")
+                raise self.error(f"{where}: must be true or false, not {describe(value)}")
             return value
         if tp is int:
             if not isinstance(value, int) or isinstance(value, bool):
-                raise self.error(f"{where}: must be a whole number, not {_describe(value)}")
+                raise self.error(f"{where}: must be a whole number, not {describe(value)}")
             self._check_bounds(value, value, where, metadata, "")
             return value
         if tp is float:
             if not isinstance(value, int | float) or isinstance(value, bool):
-                raise self.error(f"{where}: must be a number, not {_describe(value)}")
+                raise self.error(f"{where}: must be a number, not {describe(value)}")
             if value != value or value in (float("inf"), float("-inf")):
                 raise self.error(f"{where}: must be a finite number")
             return float(value)
         if tp is str:
             if not isinstance(value, str):
-                raise self.error(f"{where}: must be a string, not {_describe(value)}")
+                raise self.error(f"{where}: must be a string, not {describe(value)}")
             self._check_bounds(len(value), value, where, metadata, " characters")
             return value
         if tp is bytes:
             if not isinstance(value, str):
-                raise self.error(f"{where}: must be a hex string, not {_describe(value)}")
+                raise self.error(f"{where}: must be a hex string, not {describe(value)}")
             try:
                 data = bytes.fromhex(value)
             except ValueError:
@@ -183,7 +185,7 @@ class _Decoder:
             return data
         if origin in (list, tuple):
             if not isinstance(value, list):
-                raise self.error(f"{where}: must be a list, not {_describe(value)}")
+                raise self.error(f"{where}: must be an array, not {describe(value)}")
             self._check_bounds(len(value), value, where, metadata, " items")
             args = get_args(tp)
             if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
@@ -200,7 +202,7 @@ class _Decoder:
             return tuple(items) if origin is tuple else items
         if origin is dict:
             if not isinstance(value, Mapping):
-                raise self.error(f"{where}: must be an object, not {_describe(value)}")
+                raise self.error(f"{where}: must be an object, not {describe(value)}")
             self._check_bounds(len(value), value, where, metadata, " entries")
             _, item = get_args(tp)
             return {

@@ -111,7 +111,7 @@ class FirecrackerVmm(VmmState):
                 continue
             items = config[key] if id_field else [config[key]]
             if id_field and not isinstance(items, list):
-                raise ConfigError(f"{source}: key '{key}' must be a list of objects")
+                raise ConfigError(f"{source}: key '{key}' must be an array of objects")
             for item in items:
                 params = {}
                 if id_field:

@@ -9,6 +9,8 @@ OpenAPI document (kvmkit/api/openapi.py) says exactly what the server checks.
 from dataclasses import dataclass
 from typing import Any
 
+from kvmkit.records import describe
+
 KINDS = {"string": str, "integer": int, "boolean": bool, "object": dict, "array": list}
 MAX_STRING = 4096
 
@@ -41,7 +43,7 @@ class Field:
         python = KINDS[self.kind]
         ok = isinstance(value, python) and not (python is int and isinstance(value, bool))
         if not ok:
-            raise SchemaError(f"field '{label}' must be {_a(self.kind)}, not {_json_type(value)}")
+            raise SchemaError(f"field '{label}' must be {_a(self.kind)}, not {describe(value)}")
         if self.enum is not None and self.fold_case and isinstance(value, str):
             value = next((v for v in self.enum if v.lower() == value.lower()), value)
         if self.enum is not None and value not in self.enum:
@@ -92,7 +94,7 @@ class Body:
 
     def check(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
-            raise SchemaError(f"{self.name}: the body must be an object, not {_json_type(data)}")
+            raise SchemaError(f"{self.name}: the body must be an object, not {describe(data)}")
         if self.free_form:
             return data
         try:
@@ -140,22 +142,6 @@ def _a(kind: str) -> str:
     return {"integer": "an integer", "object": "an object", "array": "an array"}.get(
         kind, f"a {kind}"
     )
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _short(value: Any, limit: int = 60) -> str:

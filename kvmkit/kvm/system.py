@@ -3,9 +3,9 @@
 import ctypes
 import errno
 import os
-from types import TracebackType
 from typing import TYPE_CHECKING
 
+from kvmkit.closing import Closeable
 from kvmkit.kvm.errors import KvmError, KvmUnavailableError, KvmUnsupportedError, open_hint
 from kvmkit.kvm.ioctl import kvm_ioctl
 from kvmkit.uapi import ioctls
@@ -47,7 +47,7 @@ def cap_number(cap: CapName) -> int:
     return int(cap)
 
 
-class Kvm:
+class Kvm(Closeable):
     """The KVM system fd: capabilities, supported CPUID and MSRs, and VM creation."""
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
@@ -74,17 +74,6 @@ class Kvm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "Kvm":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- queries ----------------------------------------------------------
     def check_extension(self, cap: CapName) -> int:

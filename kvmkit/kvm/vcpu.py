@@ -8,10 +8,10 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from kvmkit import faults, libc
+from kvmkit.closing import Closeable
 from kvmkit.kvm.errors import KvmError
 from kvmkit.kvm.exits import EXIT_REASON_WORD, INTR, ExitDecoder
 from kvmkit.kvm.guest_events import deliver
@@ -73,7 +73,7 @@ def kick_handler() -> Iterator[bool]:
     yield install_kick_handler()
 
 
-class Vcpu:
+class Vcpu(Closeable):
     """A vCPU fd with its kvm_run page mapped.
 
     `run_struct` is the live `kvm_run`; `run_page` is a writable memoryview of the
@@ -139,17 +139,6 @@ class Vcpu:
         libc.munmap(self.run_addr, self.mmap_size)
         os.close(self.fd)
         self.fd = -1
-
-    def __enter__(self) -> "Vcpu":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- running ----------------------------------------------------------
     def run(self) -> int:

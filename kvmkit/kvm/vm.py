@@ -3,9 +3,9 @@
 import ctypes
 import errno
 import os
-from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
+from kvmkit.closing import Closeable
 from kvmkit.kvm.errors import KvmError
 from kvmkit.kvm.ioctl import kvm_ioctl
 from kvmkit.kvm.system import CapName, cap_number
@@ -59,7 +59,7 @@ def describe_gmem_flags(mask: int) -> str:
     return "|".join(names) or "none"
 
 
-class Vm:
+class Vm(Closeable):
     """A VM fd. Created by `Kvm.create_vm`; closing it closes its vCPUs too."""
 
     def __init__(self, kvm: "Kvm", fd: int) -> None:
@@ -76,17 +76,6 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "Vm":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- capabilities -----------------------------------------------------
     def check_extension(self, cap: CapName) -> int:

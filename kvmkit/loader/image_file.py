@@ -9,9 +9,9 @@ import io
 import os
 import stat
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
+from kvmkit.closing import Closeable
 from kvmkit.errors import ConfigError
 
 CHUNK_BYTES = 1 << 20
@@ -21,7 +21,7 @@ class RamWriter(Protocol):
     def write(self, gpa: int, data: bytes | memoryview) -> None: ...
 
 
-class ImageFile:
+class ImageFile(Closeable):
     """An open file plus what to call it in messages ("kernel", "initrd")."""
 
     def __init__(self, name: str, what: str, stream: io.BufferedIOBase, size: int) -> None:
@@ -53,17 +53,6 @@ class ImageFile:
 
     def close(self) -> None:
         self.stream.close()
-
-    def __enter__(self) -> "ImageFile":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def truncated(self, part: str, offset: int, length: int) -> ConfigError:
         return ConfigError(

@@ -9,11 +9,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol
 
 from kvmkit import faults
 from kvmkit.arch.x86.registers import format_registers
+from kvmkit.closing import Closeable
 from kvmkit.devices.bus import Bus, Device
 from kvmkit.devices.console import ConsoleOutput
 from kvmkit.devices.post import PostCode
@@ -85,7 +85,7 @@ class MachineParts:
     notes: list[str]
 
 
-class Machine:
+class Machine(Closeable):
     """Run once with `run()`, then `close()` (or use `with`).
 
     Attributes for tools and tests: `kvm`, `vm`, `memory`, `vcpus`, `devices` (id ->
@@ -421,17 +421,6 @@ class Machine:
         if self.kvm is not None:
             self.kvm.close()
             self.kvm = None
-
-    def __enter__(self) -> "Machine":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _idle_for_good(vcpu: Vcpu) -> bool:

@@ -3,9 +3,9 @@
 import contextlib
 import os
 import threading
-from types import TracebackType
 
 from kvmkit import faults, libc
+from kvmkit.closing import Closeable
 from kvmkit.errors import KvmkitError
 from kvmkit.kvm import KvmError, KvmUnsupportedError, Vm
 from kvmkit.memory.attributes import AttributeMap
@@ -22,7 +22,7 @@ class GuestMemoryError(KvmkitError):
     """A guest-physical range that is not (wholly) guest RAM, or not mapped in the host."""
 
 
-class GuestMemory:
+class GuestMemory(Closeable):
     """All guest RAM of one VM, in one backend file bound to one slot per region.
 
     The VMM sees guest RAM only through host windows (`windows`): at first one window
@@ -391,14 +391,3 @@ class GuestMemory:
             if hasattr(self, "mappings"):
                 self.mappings.unmap_all()
             self.backend.close()
-
-    def __enter__(self) -> "GuestMemory":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -15,9 +15,9 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from kvmkit.closing import Closeable
 from kvmkit.errors import ConfigError, KvmkitError
 from kvmkit.faults import inject
 from kvmkit.records import encode
@@ -254,7 +254,7 @@ class _ReadSource:
         return self.f.readinto(buffer[: max(1, len(buffer) // 2)] if short else buffer)
 
 
-class SnapshotFile:
+class SnapshotFile(Closeable):
     """An open snapshot: `saved` holds everything but the memory, which `reader` is
     positioned to stream next. Use as a context manager."""
 
@@ -288,17 +288,6 @@ class SnapshotFile:
     def close(self) -> None:
         self.reader.close()
         self.file.close()
-
-    def __enter__(self) -> "SnapshotFile":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -34,9 +34,9 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kvmkit.closing import Closeable
 from kvmkit.errors import KvmkitError
 from kvmkit.records import bounds, decode
 
@@ -273,7 +273,7 @@ class StreamWriter:
 
 
 # -- reading ------------------------------------------------------------------------
-class StreamReader:
+class StreamReader(Closeable):
     """Reads and verifies a stream. Every problem raises `StreamFormatError` naming the
     section, its byte offset and what is wrong.
 
@@ -601,17 +601,6 @@ class StreamReader:
         """Stop the checksum helper (after the work it holds: pieces it checksums may be
         guest RAM that the caller unmaps next)."""
         self._checksums.close()
-
-    def __enter__(self) -> "StreamReader":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Payload:

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from kvmkit.closing import Closeable
 from kvmkit.errors import KvmkitError
 
 CLONE_NEWNET = 0x40000000
@@ -44,7 +45,7 @@ def _ip(*args: str) -> None:
 
 
 @dataclass
-class NetLab:
+class NetLab(Closeable):
     """A network namespace holding a tap (up, with HOST_IP) for one test."""
 
     netns: str
@@ -119,9 +120,3 @@ class NetLab:
         """Delete the namespace (the tap goes with it)."""
         with contextlib.suppress(KvmkitError):
             _ip("netns", "del", self.netns)
-
-    def __enter__(self) -> "NetLab":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

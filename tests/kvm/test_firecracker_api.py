@@ -376,7 +376,7 @@ def test_config_file_boots_without_the_api_and_errors_name_the_key(tmp_path):
             {**config, "boot-source": {"kernel_image_path": str(tmp_path / "nope")}},
             "key 'boot-source': kernel",
         ),
-        ({**config, "drives": {"drive_id": "x"}}, "key 'drives' must be a list"),
+        ({**config, "drives": {"drive_id": "x"}}, "key 'drives' must be an array"),
     ]:
         path.write_text(json.dumps(bad))
         run = subprocess.run(

@@ -162,14 +162,14 @@ def test_malformed_page_records_are_refused_before_any_write(payload, message):
 @pytest.mark.parametrize(
     ("info", "message"),
     [
-        ([1], "iteration: must be an object, not a list"),
+        ([1], "iteration: must be an object, not an array"),
         ({"iteration": "3"}, "field 'iteration': must be a whole number, not a string"),
         ({"iteration": -1}, "field 'iteration': -1 is out of range"),
         ({"bytes": 1 << 40}, "field 'bytes': 1099511627776 is more than the machine's 65536"),
-        ({"sync": 1}, "field 'sync': must be true or false, not a number"),
+        ({"sync": 1}, "field 'sync': must be true or false, not an integer"),
         ({"phase": 5}, "field 'phase': must be one of 'precopy', 'state', not 5"),
         ({"phase": "go"}, "field 'phase': must be one of 'precopy', 'state', not 'go'"),
-        ({"runs": {"a": 1}}, "field 'runs': must be a list, not an object"),
+        ({"runs": {"a": 1}}, "field 'runs': must be an array, not an object"),
         ({"runs": [[0, 4096]] * 4097}, "field 'runs': 4097 items is out of range"),
         ({"runs": [[0]]}, "field 'runs'\\[0\\]: must have 2 items, not 1"),
         ({"runs": [[0, 4096], [4096, "x"]]}, "field 'runs'\\[1\\]\\[1\\]: must be a whole number"),

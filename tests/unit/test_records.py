@@ -76,7 +76,7 @@ def test_each_wrong_field_is_named(change, message):
 def test_missing_and_wrong_top_level():
     with pytest.raises(StreamFormatError, match="section: field 'name' is missing"):
         decode(Outer, {"inner": {"n": 1}}, "section", StreamFormatError)
-    with pytest.raises(StreamFormatError, match="section: must be an object, not a list"):
+    with pytest.raises(StreamFormatError, match="section: must be an object, not an array"):
         decode(Outer, [], "section", StreamFormatError)
 
 

@@ -306,12 +306,12 @@ def test_machine_fields_the_reader_uses_are_typed(tmp_path, field, value, messag
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"host_cpu": ["x86_64"]}, "header: field 'host_cpu': must be an object, not a list"),
+        ({"host_cpu": ["x86_64"]}, "header: field 'host_cpu': must be an object, not an array"),
         ({"host_cpu": {"arch": 7}}, "field 'host_cpu': field 'arch': must be a string, not a"),
         ({"host_cpu": {"family": "25"}}, "field 'family': must be a whole number, not a string"),
         ({"requires": {"XSAVE": "yes"}}, "field 'requires'['XSAVE']: must be a whole number"),
         ({"requires": {"XSAVE": -1}}, "field 'requires': XSAVE = -1 is out of range"),
-        ({"requires": []}, "header: field 'requires': must be an object, not a list"),
+        ({"requires": []}, "header: field 'requires': must be an object, not an array"),
         ({"kind": None}, "header: field 'kind': must be a string, not null"),
         ({"summary": {"a": 1}}, "header: field 'summary': must be a string, not an object"),
     ],
