@@ -1,12 +1,14 @@
 """A small HTTP/1.1 server on a Unix socket (mode 0600), for untrusted local clients.
 
 One thread per client (at most MAX_CLIENTS at once), keep-alive, bodies by
-Content-Length only. Every limit is checked while reading, so no client makes the
-server hold more than the limit: the request line (MAX_LINE_BYTES), the headers
-(MAX_HEADER_BYTES, MAX_HEADERS), the body (MAX_BODY_BYTES, Firecracker's default
-payload limit). A request must arrive within REQUEST_TIMEOUT_S of its first byte; an
-idle keep-alive connection is closed after IDLE_TIMEOUT_S, or when a new client
-comes while MAX_CLIENTS are connected (the one idle longest goes). A client that hangs up,
+Content-Length only; the socket, the client cap, running out of descriptors and
+closing are `UnixListener`'s (listener.py). Every limit is checked while reading, so
+no client makes the server hold more than the limit: the request line
+(MAX_LINE_BYTES), the headers (MAX_HEADER_BYTES, MAX_HEADERS), the body
+(MAX_BODY_BYTES, Firecracker's default payload limit). A request must arrive within
+REQUEST_TIMEOUT_S of its first byte; an idle keep-alive connection is closed after
+IDLE_TIMEOUT_S, or when a new client comes while MAX_CLIENTS are connected (the one
+idle longest goes; a client refused gets a 503). A client that hangs up,
 stalls or sends garbage costs only its own thread: it never stalls another client
 or the machine, and nothing is printed for it.
 
@@ -18,15 +20,12 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kvmkit.errors import ConfigError
-from kvmkit.unix_socket import claim_unix_path
+from kvmkit.api.listener import Client, UnixListener
 
 MAX_LINE_BYTES = 8192
 MAX_HEADER_BYTES = 16384
@@ -34,11 +33,8 @@ MAX_HEADERS = 64  # each read is bounded by what the current part may still take
 MAX_BODY_BYTES = 51200  # Firecracker's default http_api_max_payload_size
 MAX_JSON_DEPTH = 32
 MAX_CLIENTS = 32
-UNIX_PATH_MAX = 107  # sun_path, less the NUL
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 600.0
-REPLY_GRACE_S = 5.0
-EVICT_WAIT_S = 2.0
 REASONS = {
     100: "Continue",
     200: "OK",
@@ -248,7 +244,7 @@ def _encode(response: Response, keep_alive: bool) -> bytes:
 App = Callable[[Request], Response]
 
 
-class HttpServer:
+class HttpServer(UnixListener):
     """Serves `app` at `path` until `close()`."""
 
     def __init__(
@@ -258,141 +254,46 @@ class HttpServer:
         what: str = "the API socket",
         max_body: int = MAX_BODY_BYTES,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, what, "kvmkit's HTTP API", MAX_CLIENTS, 0.0, "kvmkit-http")
         self.max_body = max_body
         self.app = app
-        claim_unix_path(self.path, what)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # Bound and listening under a temporary name, then renamed: a client that waits
-        # for the path to appear (as Firecracker's SDKs do) can connect at once.
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        if len(os.fsencode(temp)) > UNIX_PATH_MAX:
-            temp = self.path
-        old_umask = os.umask(0o177)
-        try:
-            self.sock.bind(str(temp))
-            os.chmod(temp, 0o600)
-            self.sock.listen(16)
-            if temp != self.path:
-                os.rename(temp, self.path)
-        except OSError as e:
-            self.sock.close()
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise ConfigError(f"cannot create {what} {self.path}: {e.strerror or e}") from None
-        finally:
-            os.umask(old_umask)
-        self._closed = threading.Event()
-        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
-        self._conns: set[socket.socket] = set()
-        self._idle_since: dict[socket.socket, float] = {}  # connections between requests
-        self._lock = threading.Lock()
-        self._busy = 0  # requests being handled or answered
-        self._idle = threading.Condition(self._lock)
-        self._thread = threading.Thread(target=self._accept, name="kvmkit-http", daemon=True)
 
     def start(self) -> "HttpServer":
-        self._thread.start()
+        super().start()
         return self
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                if self._closed.is_set():
-                    return
-                time.sleep(0.05)  # EMFILE and the like: the client waits in the backlog
-                continue
-            if not self._clients.acquire(blocking=False) and not self._evict_idle():
-                with contextlib.suppress(OSError):
-                    conn.settimeout(1.0)
-                    busy = fault(503, f"kvmkit serves at most {MAX_CLIENTS} clients at once")
-                    conn.sendall(_encode(busy, False))
-                conn.close()
-                continue
-            with self._lock:
-                self._conns.add(conn)
-            threading.Thread(
-                target=self._serve, args=(conn,), name="kvmkit-http-client", daemon=True
-            ).start()
-
-    def _evict_idle(self) -> bool:
-        """At the client limit: close the connection idle the longest (between requests,
-        where a client must expect its keep-alive connection to be closed) and take its
-        slot. False if every client is in the middle of a request."""
-        with self._lock:
-            if not self._idle_since:
-                return False
-            victim = min(self._idle_since, key=lambda c: self._idle_since[c])
-            del self._idle_since[victim]
+    def refuse(self, conn: socket.socket, message: str) -> None:
         with contextlib.suppress(OSError):
-            victim.shutdown(socket.SHUT_RDWR)
-        return self._clients.acquire(timeout=EVICT_WAIT_S)
+            conn.setblocking(False)
+            conn.send(_encode(fault(503, message), False))
+        conn.close()
 
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                self._serve_requests(conn)
-        except (ClientGone, OSError):
-            pass  # hung up, stalled, or the server closed: nothing to say to anyone
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-                self._idle_since.pop(conn, None)
-            self._clients.release()
-
-    def _serve_requests(self, conn: socket.socket) -> None:
+    def serve(self, client: Client) -> None:
+        conn = client.conn
         reader = _Reader(conn)
-
-        def started() -> None:
-            with self._lock:
-                self._idle_since.pop(conn, None)
-
-        while not self._closed.is_set():
-            with self._lock:
-                self._idle_since[conn] = time.monotonic()
-            try:
-                request = _read_request(reader, conn, started, self.max_body)
-            except BadRequest as e:
-                conn.sendall(_encode(fault(e.status, str(e)), False))
-                return
-            if request is None:
-                return
-            keep_alive = _wants_keep_alive(request)
-            with self._lock:
-                self._busy += 1
-            try:
+        try:
+            while not self.closed:
                 try:
-                    response = self.app(request)
-                except Exception as e:  # a kvmkit bug: one line to the client, no traceback
-                    response = fault(500, f"internal error: {type(e).__name__}: {e}")
-                conn.settimeout(REQUEST_TIMEOUT_S)
-                conn.sendall(_encode(response, keep_alive))
-            finally:
-                with self._lock:
-                    self._busy -= 1
-                    self._idle.notify_all()
-            if not keep_alive:
-                return
-
-    def close(self) -> None:
-        """Stop listening, close every client connection and remove the socket file. A
-        request that ended the machine (SendCtrlAltDel, a migration) is still answered:
-        wait up to REPLY_GRACE_S for the answers in flight."""
-        self._closed.set()
-        with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0, REPLY_GRACE_S)
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+                    request = _read_request(
+                        reader, conn, lambda: self.reading(client), self.max_body
+                    )
+                except BadRequest as e:
+                    conn.sendall(_encode(fault(e.status, str(e)), False))
+                    return
+                if request is None:
+                    return
+                keep_alive = _wants_keep_alive(request)
+                with self.handling(client):
+                    try:
+                        response = self.app(request)
+                    except Exception as e:  # a kvmkit bug: one line to the client
+                        response = fault(500, f"internal error: {type(e).__name__}: {e}")
+                    conn.settimeout(REQUEST_TIMEOUT_S)
+                    conn.sendall(_encode(response, keep_alive))
+                if not keep_alive:
+                    return
+        except ClientGone:
+            pass  # hung up or stalled: nothing to say to anyone
 
 
 def _wants_keep_alive(request: Request) -> bool:

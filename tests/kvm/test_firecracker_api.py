@@ -702,3 +702,30 @@ def test_idle_connections_at_the_client_limit_make_room_for_a_new_client(fc):
     assert idle[-1].ok("GET", "/")["state"] == "Not started"
     for client in [*idle, newcomer]:
         client.close()
+
+
+def test_a_client_over_the_limit_while_every_other_is_mid_request_gets_a_503(fc):
+    """No connection to evict (each has begun a request): the newcomer is told why and
+    to retry, the others finish their requests."""
+    from kvmkit.api.http import MAX_CLIENTS
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(fc.sock))
+        return s
+
+    started = []
+    for _ in range(MAX_CLIENTS):
+        s = connect()
+        s.sendall(b"GET /version HTTP/1.1\r\n")  # the request begun, its headers not sent
+        started.append(s)
+    time.sleep(0.5)  # every one of them is being read by now
+    with connect() as newcomer:  # answered at once, before it sends anything
+        answer = newcomer.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert f"busy ({MAX_CLIENTS} connections, the most it serves at once)".encode() in answer
+    for s in started:
+        s.sendall(b"Host: localhost\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 "), "a begun request was not answered"
+        s.close()
