@@ -10,6 +10,7 @@ the flags; `apply_device_args(args, resources)` turns them into VmResources entr
 
 import argparse
 from collections.abc import Callable
+from typing import TypeVar
 
 from kvmkit.errors import ConfigError
 from kvmkit.machine.resources import (
@@ -44,6 +45,8 @@ BALLOON_KEYS = {"amount", "deflate_on_oom", "stats", "free_page_reporting"}
 NET_KEYS = {"tap", "mac", "id"}
 VSOCK_KEYS = {"cid", "uds"}
 FLAGS = {"ro", "root", "deflate_on_oom", "free_page_reporting"}
+
+S = TypeVar("S")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -238,13 +241,30 @@ def parse_drive_paths(items: list[str]) -> dict[str, str]:
 DEVICE_APPLIERS: list[Callable[[argparse.Namespace, VmResources], VmResources]] = []
 
 
-def _drives(args: argparse.Namespace, r: VmResources) -> VmResources:
+def _parsed_once_each(
+    texts: list[str] | None,
+    parse: Callable[[str, int], S],
+    key: Callable[[S], str],
+    refusal: str,
+) -> list[S]:
+    """Each of a repeated flag's values parsed; two with the same id are refused
+    (`refusal` names the flag and the thing, the id follows)."""
     seen: set[str] = set()
-    for i, text in enumerate(getattr(args, "drive", None) or []):
-        spec = parse_drive(text, i)
-        if spec.drive_id in seen:
-            raise ConfigError(f"--drive: two drives have the id {spec.drive_id!r}")
-        seen.add(spec.drive_id)
+    specs = []
+    for i, text in enumerate(texts or []):
+        spec = parse(text, i)
+        if key(spec) in seen:
+            raise ConfigError(f"{refusal} {key(spec)!r}")
+        seen.add(key(spec))
+        specs.append(spec)
+    return specs
+
+
+def _drives(args: argparse.Namespace, r: VmResources) -> VmResources:
+    drives = getattr(args, "drive", None)
+    for spec in _parsed_once_each(
+        drives, parse_drive, lambda d: d.drive_id, "--drive: two drives have the id"
+    ):
         r = r.with_drive(spec)
     return r
 
@@ -259,12 +279,10 @@ def _balloon(args: argparse.Namespace, r: VmResources) -> VmResources:
 
 
 def _nets(args: argparse.Namespace, r: VmResources) -> VmResources:
-    seen: set[str] = set()
-    for i, text in enumerate(getattr(args, "net", None) or []):
-        spec = parse_net(text, i)
-        if spec.iface_id in seen:
-            raise ConfigError(f"--net: two interfaces have the id {spec.iface_id!r}")
-        seen.add(spec.iface_id)
+    nets = getattr(args, "net", None)
+    for spec in _parsed_once_each(
+        nets, parse_net, lambda n: n.iface_id, "--net: two interfaces have the id"
+    ):
         r = r.with_net(spec)
     return r
 
