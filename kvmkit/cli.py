@@ -1,6 +1,7 @@
 """The `kvmkit` command line."""
 
 import argparse
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from kvmkit.machine.config import DEFAULT_MEMORY, parse_int, parse_size
 from kvmkit.machine.console import ConsoleInput, stdin_for_console
 from kvmkit.machine.resources import LinuxBoot
 from kvmkit.machine.result import (
+    EXIT_BROKEN_PIPE,
     EXIT_HOST_ERROR,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -551,6 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvmkit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `kvmkit ... | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit's own flush cannot fail again
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

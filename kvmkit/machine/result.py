@@ -8,6 +8,7 @@ EXIT_USAGE = 2
 EXIT_GUEST_CRASH = 3
 EXIT_TIMEOUT = 124  # as timeout(1): run --timeout expired
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE), as `| head`
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
 

@@ -59,6 +59,21 @@ def test_init_exiting_is_a_panic_naming_it(linux_guest):
     assert result.status == 3 and "Attempted to kill init" in result.reason, result.reason
 
 
+def test_a_panic_with_no_panic_timeout_ends_the_run_at_its_last_line(test_kernel):
+    """No `panic=` on the command line (Linux's default: wait forever) and no root file
+    system: the kernel panics and spins; the run ends at the panic's last console line
+    instead of running until killed."""
+    p = subprocess.run(
+        [*KVMKIT_RUN, "--kernel", str(test_kernel.vmlinux), "--cmdline", "console=ttyS0"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert p.returncode == 3, p.stderr
+    assert "guest kernel panicked: VFS: Unable to mount root fs" in p.stderr, p.stderr
+    assert "end Kernel panic" in p.stdout
+
+
 def test_two_vcpus_on_memfd_boot_and_both_come_online(test_kernel):
     before = open_fds()
     guest, cpus = boot_test_kernel(test_kernel, vcpus=2, memory_backend="memfd")
