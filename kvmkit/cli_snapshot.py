@@ -92,7 +92,10 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None: 
     create.add_argument("--socket", required=True, metavar="PATH", help="its --api-socket")
     create.add_argument("--out", required=True, metavar="FILE", help="the snapshot file to write")
     create.add_argument(
-        "--resume", action="store_true", help="let the machine run on after the snapshot"
+        "--resume",
+        action="store_true",
+        help="let the machine run on after the snapshot (one paused before, by 'kvmkit ctl"
+        " pause' or an earlier snapshot, stays paused: resume it with 'kvmkit ctl resume')",
     )
     create.add_argument(
         "--force",

@@ -60,6 +60,8 @@ class BzImage:
     xloadflags: int
     payload_format: str
     kernel_version: str
+    payload_at: int = 0  # file offset of the compressed payload
+    payload_length: int = 0
 
     @property
     def entry64(self) -> int:
@@ -140,6 +142,8 @@ def parse_bzimage(image: ImageFile) -> BzImage:
         xloadflags=hdr.xloadflags,
         payload_format=payload_format,
         kernel_version=_kernel_version(image, hdr.kernel_version, setup_size),
+        payload_at=setup_size + hdr.payload_offset,
+        payload_length=hdr.payload_length,
     )
 
 

@@ -74,6 +74,31 @@ def test_a_panic_with_no_panic_timeout_ends_the_run_at_its_last_line(test_kernel
     assert "end Kernel panic" in p.stdout
 
 
+def test_the_bzimage_boots_as_fast_as_its_vmlinux(test_kernel):
+    """The test kernel's bzImage (an xz payload: tens of minutes for the guest's own
+    decompressor under PVM) is decompressed by kvmkit and runs a command."""
+    bzimage = test_kernel.vmlinux.with_name("bzImage")
+    p = subprocess.run(
+        [
+            *KVMKIT_RUN,
+            "--kernel",
+            str(bzimage),
+            "--initrd",
+            str(test_kernel.initramfs),
+            "--cmdline",
+            test_kernel.cmdline,
+            "--append",
+            'kvmkit.cmd="echo from-the-bzimage"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "from-the-bzimage" in p.stdout
+    assert "xz payload decompressed by kvmkit on the host" in p.stderr, p.stderr
+
+
 def test_two_vcpus_on_memfd_boot_and_both_come_online(test_kernel):
     before = open_fds()
     guest, cpus = boot_test_kernel(test_kernel, vcpus=2, memory_backend="memfd")

@@ -185,7 +185,28 @@ def test_bzimage_loads_its_protected_mode_part_at_pref_address(files):
     # nothing past the header's own end (0x26c) comes from the file
     assert zp[0x26C:0x290] == bytes(0x290 - 0x26C)
     notes = " ".join(plan.notes)
-    assert "lz4" in notes and "6.99.0-test" in notes and "vmlinux" in notes
+    assert "lz4" in notes and "6.99.0-test" in notes
+    assert "kvmkit does not decompress lz4 payloads: the guest decompresses it itself" in notes
+
+
+def test_a_bzimage_whose_payload_kvmkit_reads_is_entered_as_the_vmlinux_inside(files):
+    """Decompressed on the host: the ELF's segments land at their addresses and its
+    PVH entry is used, as for the vmlinux itself; the guest's decompressor never runs."""
+    import gzip
+
+    text = bytes(range(256)) * 48
+    elf = make_elf([Segment(KERNEL_PADDR, text, 0x5000)], pvh_entry=PVH_ENTRY)
+    payload = gzip.compress(elf) + len(elf).to_bytes(4, "little")
+    kernel = files("bzImage", make_bzimage(payload=payload))
+    ram = FakeRam(64 * MIB)
+    plan = load_linux(ram, kernel, cmdline="a")
+    assert (plan.image_kind, plan.protocol, plan.entry) == ("bzImage", "pvh", PVH_ENTRY)
+    assert ram.read(KERNEL_PADDR, len(text)) == text
+    assert "gzip payload decompressed by kvmkit on the host" in " ".join(plan.notes)
+
+    ram = FakeRam(64 * MIB)  # the same file, the kernel's own decompressor asked for
+    plan = load_linux(ram, kernel, cmdline="a", decompress_on_host=False)
+    assert (plan.protocol, plan.entry) == ("boot64", 0x100000 + 0x200)
 
 
 def test_bzimage_setup_sects_zero_means_four(files):
