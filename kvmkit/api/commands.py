@@ -4,6 +4,10 @@ Which requests exclude which (one migration, snapshot, pause or resume at a time
 status and stop always answered) is the machine's rule, kvmkit/machine/operations.py:
 the handlers here just call through it and pass its refusal on.
 
+Each request is decoded into its command's record (`records.decode`): a field of the
+wrong type, out of range, missing or unknown is one line naming it, never guessed at
+(a "resume" of "yes" is refused, not taken as true).
+
 A streaming command gets `emit`: `emit(event)` sends a progress event, and raises
 (the server's ClientGone) once the client went away, which cancels the command;
 `emit({})` sends nothing and only checks that the client is still there.
@@ -12,16 +16,48 @@ A streaming command gets `emit`: `emit(event)` sends a progress event, and raise
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvmkit.control.snapshots import take_snapshot
 from kvmkit.errors import KvmkitError
 from kvmkit.machine.machine import Machine
 from kvmkit.machine.result import EXIT_OK
+from kvmkit.records import bounds, decode
 
 
 class ApiError(KvmkitError):
     """A request the API refuses: the message goes back to the caller."""
+
+
+@dataclass
+class PlainRequest:
+    """status, pause, resume, stop: nothing but the command."""
+
+    cmd: str
+
+
+@dataclass
+class SnapshotRequest:
+    cmd: str
+    path: str = field(metadata=bounds(1, 4096))  # the file to write
+    resume: bool = False
+    force: bool = False
+    compress: int | None = field(default=None, metadata=bounds(1, 22))  # a zstd level
+
+
+@dataclass
+class MigrateRequest:
+    cmd: str
+    to: str = field(metadata=bounds(1, 4096))  # tcp:HOST:PORT or unix:PATH
+    max_downtime_ms: float = 20.0
+    bandwidth_bps: int = field(default=0, metadata=bounds(0, None))  # 0: no limit
+    auto_converge: bool = False
+    max_iterations: int = field(default=30, metadata=bounds(1, None))  # pre-copy passes
+
+    def __post_init__(self) -> None:
+        if self.max_downtime_ms <= 0:
+            raise ValueError("field 'max_downtime_ms' must be a positive number of milliseconds")
 
 
 def _status(machine: Machine, args: dict[str, Any]) -> dict[str, Any]:
@@ -48,14 +84,8 @@ PROGRESS_EVERY_S = 0.1
 
 
 def _snapshot(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-    path = args.get("path")
-    if not isinstance(path, str) or not path:
-        raise ApiError('snapshot needs "path": the file to write')
-    level = args.get("compress")
-    if level is not None and (
-        not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22
-    ):
-        raise ApiError('"compress" is a zstd level from 1 to 22')
+    r = decode(SnapshotRequest, args, "snapshot", ApiError)
+    path = r.path
     last = 0.0
 
     def progress(done: int, total: int) -> None:
@@ -72,10 +102,10 @@ def _snapshot(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, A
         report = take_snapshot(
             machine,
             path,
-            resume=bool(args.get("resume", False)),
-            compress_level=level,
+            resume=r.resume,
+            compress_level=r.compress,
             progress=progress,
-            replace=bool(args.get("force", False)),
+            replace=r.force,
         )
     except KvmkitError as e:  # the caller may be gone: say it where the VM runs, too
         print(f"kvmkit: snapshot {path} not written: {e}", file=sys.stderr, flush=True)
@@ -86,26 +116,15 @@ def _snapshot(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, A
 def _migrate(machine: Machine, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
     from kvmkit.migration import migrate
 
-    to = args.get("to")
-    if not isinstance(to, str) or not to:
-        raise ApiError('migrate needs "to": tcp:HOST:PORT or unix:PATH of a listening target')
-    downtime = args.get("max_downtime_ms", 20)
-    bandwidth = args.get("bandwidth_bps", 0)
-    if not isinstance(downtime, int | float) or downtime <= 0:
-        raise ApiError('"max_downtime_ms" is a positive number of milliseconds')
-    if not isinstance(bandwidth, int) or bandwidth < 0:
-        raise ApiError('"bandwidth_bps" is a whole number of bytes per second (0: no limit)')
-    iterations = args.get("max_iterations", 30)
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ApiError('"max_iterations" is a whole number of pre-copy passes, at least 1')
+    r = decode(MigrateRequest, args, "migrate", ApiError)
     try:
         report = migrate(
             machine,
-            to,
-            max_downtime_ms=float(downtime),
-            bandwidth_bps=bandwidth,
-            auto_converge=bool(args.get("auto_converge", False)),
-            max_iterations=iterations,
+            r.to,
+            max_downtime_ms=r.max_downtime_ms,
+            bandwidth_bps=r.bandwidth_bps,
+            auto_converge=r.auto_converge,
+            max_iterations=r.max_iterations,
             progress=emit,
         )
     except KvmkitError as e:  # the caller may be gone: say it where the VM runs, too
@@ -142,6 +161,7 @@ def handle(machine: Machine, request: object, emit: Emit | None = None) -> dict[
     try:
         if cmd in STREAMING:
             return {"ok": True, **STREAMING[cmd](machine, request, emit or (lambda e: None))}
+        decode(PlainRequest, request, cmd, ApiError)
         return {"ok": True, **COMMANDS[cmd](machine, request)}
     except KvmkitError as e:
         return {"ok": False, "error": str(e)}

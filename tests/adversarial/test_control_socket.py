@@ -49,7 +49,7 @@ def test_a_line_just_over_the_bound_is_refused_and_one_at_it_is_read(tmp_path):
     vm = Vm(tmp_path)
     try:
         s = vm.connect()
-        body = json.dumps({"cmd": "status", "pad": "x" * (MAX_REQUEST_BYTES - 40)})
+        body = '{"cmd": "status"' + " " * (MAX_REQUEST_BYTES - 18) + "}"  # JSON, at the bound
         s.sendall(body.encode() + b"\n")
         assert json.loads(read_line(s))["ok"] is True
         s.sendall(b" " * (MAX_REQUEST_BYTES + 1) + b"\n")

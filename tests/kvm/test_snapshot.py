@@ -352,8 +352,21 @@ def test_api_socket_is_private_and_answers_errors_clearly(tmp_path):
         assert call(sock, "resume")["state"] == "running"
         with pytest.raises(ApiCallError, match="unknown command 'reboot': use one of status"):
             call(sock, "reboot")
-        with pytest.raises(ApiCallError, match='snapshot needs "path"'):
+        with pytest.raises(ApiCallError, match="snapshot: field 'path' is missing"):
             call(sock, "snapshot")
+        wrong = [  # a wrong type is named, never guessed at; nothing else is taken
+            ({"path": 5}, "field 'path': must be a string, not an integer"),
+            ({"path": "x", "resume": "yes"}, "field 'resume': must be true or false"),
+            ({"path": "x", "compress": 30}, "field 'compress'"),
+            ({"path": "x", "bogus": 1}, "unknown field 'bogus'"),
+        ]
+        for args, message in wrong:
+            with pytest.raises(ApiCallError, match=message):
+                call(sock, "snapshot", args)
+        with pytest.raises(ApiCallError, match="pause: unknown field 'bogus'"):
+            call(sock, "pause", {"bogus": 1})
+        with pytest.raises(ApiCallError, match="migrate: field 'to': must be a string"):
+            call(sock, "migrate", {"to": 5})
         with pytest.raises(ApiCallError, match="directory .* does not exist"):
             call(sock, "snapshot", {"path": str(tmp_path / "no" / "x.snap")})
         assert call(sock, "status")["state"] == "running"
