@@ -143,9 +143,9 @@ def load_config(path: str) -> object:
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than 1 MiB: is it the right file?")
     try:
-        return parse_json(data)
+        return parse_json(data, f"config file {path}")
     except BadRequest as e:
-        raise ConfigError(f"config file {path}: {e}") from None
+        raise ConfigError(str(e)) from None
 
 
 def cmd_run(

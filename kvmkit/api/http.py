@@ -87,7 +87,7 @@ class ClientGone(Exception):
     """The client hung up or stalled: close quietly."""
 
 
-def check_json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+def check_json_depth(body: bytes, limit: int = MAX_JSON_DEPTH, what: str = "the JSON body") -> None:
     """Refuse JSON nested deeper than `limit` before parsing it (the parser recurses)."""
     depth = 0
     in_string = escaped = False
@@ -104,20 +104,20 @@ def check_json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
         elif byte in (0x5B, 0x7B):
             depth += 1
             if depth > limit:
-                raise BadRequest(400, f"the JSON body is nested deeper than {limit} levels")
+                raise BadRequest(400, f"{what} is nested deeper than {limit} levels")
         elif byte in (0x5D, 0x7D):
             depth -= 1
 
 
-def parse_json(body: bytes) -> Any:
-    """The body as JSON; BadRequest (400) naming what is wrong."""
-    check_json_depth(body)
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    """`body` (called `what` in messages) as JSON; BadRequest (400) naming what is wrong."""
+    check_json_depth(body, what=what)
     try:
         return json.loads(body)
     except UnicodeDecodeError:
-        raise BadRequest(400, "the body is not UTF-8 JSON") from None
+        raise BadRequest(400, f"{what} is not UTF-8 JSON") from None
     except ValueError as e:
-        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+        raise BadRequest(400, f"{what} is not valid JSON: {e}") from None
 
 
 class _Reader:

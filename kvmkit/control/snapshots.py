@@ -89,6 +89,12 @@ def check_replaceable(path: str | os.PathLike[str], replace: bool) -> None:
             f"snapshot path {os.fsdecode(raw)[:80]}... is too long ({len(raw)} bytes, a name"
             f" of {longest}; the most is {PATH_MAX - 1} and {NAME_MAX} for a name)"
         )
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(
+            f"snapshot directory {parent} does not exist: create it, or write the snapshot"
+            " elsewhere"
+        )
     if not os.path.lexists(path) or os.path.isdir(path):
         return  # a directory is refused by the writer, naming it
     try:

@@ -302,8 +302,15 @@ def load_plan(rules: list[str], toml_path: str | None = None) -> FaultPlan:
             data = tomllib.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError:
             raise ConfigError(f"fault plan {toml_path} is not UTF-8 text (TOML is)") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"fault plan {toml_path}: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(
+                f"fault plan {toml_path} does not exist: give the path of a TOML file of"
+                ' [[fault]] tables (rule = "WHERE:WHAT@WHEN")'
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"cannot read fault plan {toml_path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"fault plan {toml_path} is not valid TOML: {e}") from None
         faults = data.get("fault", [])
         if not isinstance(faults, list):
             raise ConfigError(

@@ -407,6 +407,13 @@ class VmResources:
             )
         if len(others) >= MAX_DRIVES:
             raise ConfigError(f"drive {drive.drive_id}: kvmkit takes at most {MAX_DRIVES} drives")
+        for d in others:
+            if (not d.read_only or not drive.read_only) and _same_file(d.path, drive.path):
+                raise ConfigError(
+                    f"drive {drive.drive_id}: {drive.path} is already drive {d.drive_id}, and a"
+                    " file two disks share is corrupted by a writer: give each its own file,"
+                    " or make both read-only"
+                )
         kept = [d if d.drive_id != drive.drive_id else drive for d in self.drives]
         if len(others) == len(self.drives):
             kept.append(drive)
@@ -459,3 +466,11 @@ class VmResources:
                 "Linux on more than one vCPU needs the in-kernel irqchip (its APs start by"
                 " INIT/SIPI through the LAPIC): drop --no-irqchip or use --vcpus 1"
             )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (hard links and symlinks too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

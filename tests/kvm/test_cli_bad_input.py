@@ -46,6 +46,8 @@ CASES = [
     ("run --fault-plan {d}/plan5.toml", "must be [[fault]] tables"),
     ("run --fault-plan {d}/planbin.toml", "is not UTF-8"),
     ("run --fault-plan {d}/planbad.toml", 'needs rule = "..."'),
+    ("run --fault-plan {d}/missing.toml", "missing.toml does not exist: give the path"),
+    ("run --fault-plan {d}/text.txt", "is not valid TOML"),
     ("run --frobnicate", "unrecognized arguments"),
     # devices
     ("run --drive nope", "--drive: unknown option 'nope'"),
@@ -60,6 +62,8 @@ CASES = [
     ("run --drive path={d}/text.txt,serial=123456789012345678901", "at most 20"),
     ("run --drive path={d}/text.txt,root --drive path={d}/text.txt,root", "already the root"),
     ("run --drive path={d}/text.txt --drive path={d}/text.txt,id=drive0", "two drives have"),
+    ("run --drive path={d}/text.txt --drive path={d}/text.txt,id=b", "is already drive drive0"),
+    ("run --drive path={d}/text.txt,ro --drive path={d}/text.txt,id=b", "or make both read-only"),
     ("run --balloon amount=999999", "balloon target 999999 MiB is outside"),
     ("run --balloon amount=lots", "amount='lots' is not a whole number"),
     ("run --balloon amount=-5", "amount=-5 must not be negative"),
