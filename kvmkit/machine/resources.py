@@ -263,10 +263,21 @@ class DriveSpec:
             raise ConfigError(f"drive {self.drive_id}: {self.path} does not exist")
         if p.is_dir():
             raise ConfigError(f"drive {self.drive_id}: {self.path} is a directory: give a file")
-        mode = os.R_OK if self.read_only else os.R_OK | os.W_OK
-        if not os.access(p, mode):
-            how = "readable" if self.read_only else "readable and writable (or add ro)"
-            raise ConfigError(f"drive {self.drive_id}: {self.path} is not {how}")
+        flags = os.O_RDONLY if self.read_only else os.O_RDWR
+        try:  # opened to learn why not (EROFS, EACCES, ...); the device opens it again
+            os.close(os.open(p, flags | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as e:
+            how = "reading" if self.read_only else "reading and writing"
+            fix = (
+                "give a file kvmkit can read"
+                if self.read_only
+                else "make the drive read-only (--drive ...,ro; is_read_only in the API) or"
+                " give a writable file"
+            )
+            raise ConfigError(
+                f"drive {self.drive_id}: cannot open {self.path} for {how}:"
+                f" {e.strerror or e}; {fix}"
+            ) from None
         if self.cache not in ("unsafe", "writeback"):
             raise ConfigError(
                 f"drive {self.drive_id}: unknown cache type {self.cache!r}: choose unsafe or"
