@@ -509,8 +509,9 @@ def build_from_saved(source: SavedSource, options: RestoreOptions | None = None)
 
 
 def _check_overrides(d: MachineDescription, o: RestoreOptions) -> None:
-    """Replacement files, taps and sockets must name devices the saved machine has."""
-    if o.drive_paths or o.net_taps or o.vsock_uds:
+    """Each drive's file must open, and replacement files, taps and sockets must name
+    devices the saved machine has."""
+    if o.drive_paths or o.net_taps or o.vsock_uds or any(r.kind == "virtio-blk" for r in d.devices):
         _virtio().check_host_overrides(
             [(r.kind, r.config) for r in d.devices],
             o.drive_paths or {},

@@ -419,11 +419,11 @@ class VmResources:
         if len(others) >= MAX_DRIVES:
             raise ConfigError(f"drive {drive.drive_id}: kvmkit takes at most {MAX_DRIVES} drives")
         for d in others:
-            if (not d.read_only or not drive.read_only) and _same_file(d.path, drive.path):
+            if not d.read_only and not drive.read_only and _same_file(d.path, drive.path):
                 raise ConfigError(
-                    f"drive {drive.drive_id}: {drive.path} is already drive {d.drive_id}, and a"
-                    " file two disks share is corrupted by a writer: give each its own file,"
-                    " or make both read-only"
+                    f"drive {drive.drive_id}: {drive.path} is already drive {d.drive_id}, and"
+                    " two guest disks writing one file corrupt it: give each its own file, or"
+                    " make one read-only"
                 )
         kept = [d if d.drive_id != drive.drive_id else drive for d in self.drives]
         if len(others) == len(self.drives):

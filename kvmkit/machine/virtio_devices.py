@@ -22,7 +22,7 @@ from typing import Any
 
 from kvmkit.devices.irq import IrqLine
 from kvmkit.devices.virtio.balloon import BalloonConfig, VirtioBalloon
-from kvmkit.devices.virtio.blk import BlkConfig, VirtioBlk
+from kvmkit.devices.virtio.blk import BlkConfig, VirtioBlk, open_backing
 from kvmkit.devices.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioDevice
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, derived_mac
 from kvmkit.devices.virtio.rng import RngConfig, VirtioRng
@@ -189,9 +189,10 @@ def check_host_overrides(
     net_taps: Mapping[str, str],
     vsock_uds: str | None,
 ) -> None:
-    """The drives, taps and vsock socket given for a restore must name devices the saved
-    machine has (a misspelt id would otherwise be ignored in silence, and a restored
-    guest would write to the disk it was meant to leave alone)."""
+    """Every saved drive's file (or its replacement) must open, and the drives, taps
+    and vsock socket given for a restore must name devices the saved machine has (a
+    misspelt id would otherwise be ignored in silence, and a restored guest would write
+    to the disk it was meant to leave alone)."""
     drives = [str(c.get("drive_id")) for kind, c in saved if kind == "virtio-blk"]
     for drive in drive_paths:
         if drive not in drives:
@@ -212,6 +213,17 @@ def check_host_overrides(
         raise ConfigError(
             "a vsock socket path was given, but the saved machine has no vsock device"
         )
+    for kind, c in saved:  # each drive's file opens now, before any memory arrives
+        if kind == "virtio-blk":
+            drive_id = str(c.get("drive_id"))
+            path = drive_paths.get(drive_id, str(c.get("path")))
+            try:
+                fd, _ = open_backing(drive_id, path, bool(c.get("read_only")))
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{e}; give the drive's file in its place with --drive-path {drive_id}=PATH"
+                ) from None
+            os.close(fd)
 
 
 def check_placement(device_id: str, kind: str, bus: str, length: int, gsi: int | None) -> None:

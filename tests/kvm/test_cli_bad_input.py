@@ -63,7 +63,7 @@ CASES = [
     ("run --drive path={d}/text.txt,root --drive path={d}/text.txt,root", "already the root"),
     ("run --drive path={d}/text.txt --drive path={d}/text.txt,id=drive0", "two drives have"),
     ("run --drive path={d}/text.txt --drive path={d}/text.txt,id=b", "is already drive drive0"),
-    ("run --drive path={d}/text.txt,ro --drive path={d}/text.txt,id=b", "or make both read-only"),
+    ("run --drive path={d}/text.txt --drive path={d}/text.txt,id=b", "or make one read-only"),
     ("run --balloon amount=999999", "balloon target 999999 MiB is outside"),
     ("run --balloon amount=lots", "amount='lots' is not a whole number"),
     ("run --balloon amount=-5", "amount=-5 must not be negative"),

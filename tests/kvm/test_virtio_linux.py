@@ -157,7 +157,8 @@ def test_a_missing_backing_file_on_restore_is_one_clear_error(virtio_snapshot, d
     from kvmkit.errors import ConfigError
 
     gone = str(disks["data"]) + ".gone"
-    with pytest.raises(ConfigError, match=r"drive data: cannot open .*\.gone"):
+    match = r"drive data: cannot open .*\.gone: .*; give the drive's file in its place with"
+    with pytest.raises(ConfigError, match=match + " --drive-path data=PATH"):
         restore_snapshot(
             virtio_snapshot.path, console_stream=io.BytesIO(), drive_paths={"data": gone}
         )
