@@ -17,6 +17,7 @@ everything in one verified file.
 """
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -45,6 +46,14 @@ def _temp_for(path: Path) -> Path:
     if not path.parent.is_dir():
         raise ConfigError(f"directory {path.parent} does not exist")
     return path.parent / f".{path.name}.partial-{os.getpid()}"
+
+
+def _fix_for(err: int | None) -> str:
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that file system, or give paths on another"
+    if err in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "give snapshot_path and mem_file_path in a directory kvmkit can write"
+    return "try again, or give other paths"
 
 
 def save_split(machine: Machine, snapshot_path: str, mem_file_path: str) -> dict[str, Any]:
@@ -76,9 +85,10 @@ def save_split(machine: Machine, snapshot_path: str, mem_file_path: str) -> dict
         os.replace(mem_tmp, mem_target)
         os.replace(state_tmp, state_target)
     except OSError as e:
+        where = state_target if str(e.filename or "") == str(state_tmp) else mem_target
         raise KvmkitError(
-            f"writing the snapshot failed: {e.strerror} ({e.filename}); nothing was left,"
-            " and the VM is unchanged"
+            f"writing the snapshot failed: {e.strerror} ({where}); nothing was left, and the"
+            f" VM is unchanged; {_fix_for(e.errno)}"
         ) from None
     finally:
         for tmp in (state_tmp, mem_tmp):

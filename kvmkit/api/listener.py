@@ -60,12 +60,14 @@ def client_cap(most: int) -> int:
 
 
 class Client:
-    """One connection: its socket, and whether it is in the middle of a request (then
-    it is never evicted)."""
+    """One connection: its socket, whether it is in the middle of a request (then it is
+    never evicted) and whether that request is being handled (then `close()` lets it
+    answer)."""
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.busy = False
+        self.handling = False
         self.last_active = time.monotonic()
         self.evicted = False
 
@@ -123,13 +125,13 @@ class UnixListener:
         """Around the handling and answering of one request: `close()` waits for it."""
         with self._idle:
             self._busy += 1
-            client.busy = True
+            client.busy = client.handling = True
         try:
             yield
         finally:
             with self._idle:
                 self._busy -= 1
-                client.busy = False
+                client.busy = client.handling = False
                 client.last_active = time.monotonic()
                 self._idle.notify_all()
 
@@ -230,14 +232,14 @@ class UnixListener:
     # -- closing -------------------------------------------------------------------------
     def close(self) -> None:
         """Stop listening; wait up to REPLY_GRACE_S for the answers in flight; close the
-        idle connections; remove the socket file."""
+        other connections (idle, or still sending a request); remove the socket file."""
         self._closed.set()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with self._idle:
             self._idle.wait_for(lambda: self._busy == 0, REPLY_GRACE_S)
             for client in list(self._clients):
-                if not client.busy:
+                if not client.handling:
                     with contextlib.suppress(OSError):
                         client.conn.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive():

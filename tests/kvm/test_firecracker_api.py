@@ -242,6 +242,20 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
             "snapshot_type": "Diff",
         },
     )
+    ro = tmp_path / "ro"  # a read-only file system, where the host lets us mount one
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True).returncode == 0:
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+            msg = c.fault(
+                "PUT",
+                "/snapshot/create",
+                {"snapshot_path": str(ro / "s"), "mem_file_path": str(ro / "m")},
+            )
+            assert f"Read-only file system ({ro / 'm'})" in msg, msg
+            assert "give snapshot_path and mem_file_path in a directory kvmkit can write" in msg
+        finally:
+            subprocess.run(["umount", str(ro)], check=False)
     c.ok("PATCH", "/vm", {"state": "Resumed"})
     assert c.ok("GET", "/")["state"] == "Running"
     c.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
