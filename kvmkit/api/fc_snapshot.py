@@ -17,7 +17,6 @@ everything in one verified file.
 """
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -31,7 +30,13 @@ from kvmkit.machine.machine import Machine
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.layout import PAGE_SIZE
 from kvmkit.memory.userfault import Userfaultfd
-from kvmkit.snapshot.file import SnapshotFile, SnapshotFileSource
+from kvmkit.snapshot.file import (
+    SnapshotFile,
+    SnapshotFileSource,
+    check_target,
+    partial_path,
+    write_failure_hint,
+)
 from kvmkit.snapshot.format import MACHINE, MEMORY, StreamWriter, pack_json
 from kvmkit.snapshot.machine_state import capture_state, header_for, write_state
 from kvmkit.snapshot.memory_image import Extent, chunked, pack_index
@@ -41,19 +46,8 @@ SEPARATE = "separate"  # the header's "memory" in a state file
 
 
 def _temp_for(path: Path) -> Path:
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory: give a file name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"directory {path.parent} does not exist")
-    return path.parent / f".{path.name}.partial-{os.getpid()}"
-
-
-def _fix_for(err: int | None) -> str:
-    if err in (errno.ENOSPC, errno.EDQUOT):
-        return "free space on that file system, or give paths on another"
-    if err in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return "give snapshot_path and mem_file_path in a directory kvmkit can write"
-    return "try again, or give other paths"
+    check_target(path)
+    return partial_path(path)
 
 
 def save_split(machine: Machine, snapshot_path: str, mem_file_path: str) -> dict[str, Any]:
@@ -88,7 +82,7 @@ def save_split(machine: Machine, snapshot_path: str, mem_file_path: str) -> dict
         where = state_target if str(e.filename or "") == str(state_tmp) else mem_target
         raise KvmkitError(
             f"writing the snapshot failed: {e.strerror} ({where}); nothing was left, and the"
-            f" VM is unchanged; {_fix_for(e.errno)}"
+            f" VM is unchanged; {write_failure_hint(e.errno, where.absolute().parent)}"
         ) from None
     finally:
         for tmp in (state_tmp, mem_tmp):

@@ -9,6 +9,7 @@ only if it is a kvmkit snapshot: anything else at the path is never overwritten.
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from kvmkit.errors import ConfigError, KvmkitError
@@ -20,7 +21,7 @@ from kvmkit.machine.operations import SNAPSHOT as SNAPSHOT_OPERATION
 from kvmkit.machine.result import EXIT_HOST_ERROR
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot import file as snapshot_file
-from kvmkit.snapshot.file import SnapshotFile, SnapshotFileSource, SnapshotReport
+from kvmkit.snapshot.file import SnapshotFile, SnapshotFileSource, SnapshotReport, check_target
 from kvmkit.snapshot.format import MAGIC
 from kvmkit.snapshot.lazy import LazyRestore, start_lazy_restore
 from kvmkit.snapshot.machine_state import ProgressFn, read_memory
@@ -89,14 +90,9 @@ def check_replaceable(path: str | os.PathLike[str], replace: bool) -> None:
             f"snapshot path {os.fsdecode(raw)[:80]}... is too long ({len(raw)} bytes, a name"
             f" of {longest}; the most is {PATH_MAX - 1} and {NAME_MAX} for a name)"
         )
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConfigError(
-            f"snapshot directory {parent} does not exist: create it, or write the snapshot"
-            " elsewhere"
-        )
-    if not os.path.lexists(path) or os.path.isdir(path):
-        return  # a directory is refused by the writer, naming it
+    check_target(Path(path))  # no directory, and its directory exists
+    if not os.path.lexists(path):
+        return
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO, a device: never opened
             raise ConfigError(

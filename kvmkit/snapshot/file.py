@@ -74,11 +74,28 @@ class _FileSink:
         return len(data)
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: Path) -> None:
+    """A snapshot file can be written at `path`: it is no directory, and its directory
+    exists (checked before any work, by every writer of snapshot files)."""
     if path.is_dir():
         raise ConfigError(f"snapshot path {path} is a directory: give a file name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"snapshot directory {path.parent} does not exist")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"snapshot directory {parent} does not exist: create it, or write the snapshot"
+            " elsewhere"
+        )
+
+
+def write_failure_hint(err: int | None, directory: Path) -> str:
+    """What to do about a snapshot write that failed with `err` in `directory`."""
+    return {
+        errno_mod.ENOSPC: f"free space on {directory} or write elsewhere",
+        errno_mod.EDQUOT: "the disk quota is full: free space or write elsewhere",
+        errno_mod.EACCES: f"kvmkit may not write in {directory}",
+        errno_mod.EROFS: f"{directory} is on a read-only file system: write elsewhere"
+        " or remount it read-write",
+    }.get(err or 0, "check the file system")
 
 
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>[0-9]{1,10})")
@@ -174,7 +191,7 @@ def save(
 ) -> SnapshotReport:
     """Write `machine` (stopped) to `path` atomically."""
     target = Path(path)
-    _check_target(target)
+    check_target(target)
     start = time.monotonic()
     remove_stale_partials(target.parent)
     fd, tmp = -1, None
@@ -197,13 +214,7 @@ def save(
     except OSError as e:
         _discard(fd, tmp)
         name = errno_mod.errorcode.get(e.errno or 0, "error")
-        hint = {
-            errno_mod.ENOSPC: f"free space on {target.parent} or write elsewhere",
-            errno_mod.EDQUOT: "the disk quota is full: free space or write elsewhere",
-            errno_mod.EACCES: f"kvmkit may not write in {target.parent}",
-            errno_mod.EROFS: f"{target.parent} is on a read-only file system: write elsewhere"
-            " or remount it read-write",
-        }.get(e.errno or 0, "check the file system")
+        hint = write_failure_hint(e.errno, target.parent)
         injected = f" [{e.filename}]" if str(e.filename).startswith("fault injected") else ""
         raise SnapshotWriteError(
             f"writing snapshot {target} failed: {os.strerror(e.errno or 0)} ({name}){injected};"

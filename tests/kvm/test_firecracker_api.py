@@ -253,7 +253,7 @@ def test_every_error_is_400_with_a_fault_message_and_the_vm_survives(fc, tmp_pat
                 {"snapshot_path": str(ro / "s"), "mem_file_path": str(ro / "m")},
             )
             assert f"Read-only file system ({ro / 'm'})" in msg, msg
-            assert "give snapshot_path and mem_file_path in a directory kvmkit can write" in msg
+            assert f"{ro} is on a read-only file system: write elsewhere or remount it" in msg
         finally:
             subprocess.run(["umount", str(ro)], check=False)
     c.ok("PATCH", "/vm", {"state": "Resumed"})
