@@ -34,7 +34,6 @@ from kvmkit.machine.event_loop import EventLoop
 from kvmkit.machine.kernel_console import KernelConsole
 from kvmkit.machine.machine import Machine, MachineParts
 from kvmkit.machine.resources import LinuxBoot, ProgramBoot, VmResources
-from kvmkit.machine.result import EXIT_GUEST_CRASH
 from kvmkit.machine.run_control import RunControl
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.dirty_ring import DirtyRings
@@ -398,11 +397,8 @@ def _watch_kernel(a: _Assembly) -> None:
     """Read a Linux guest's console for how it ends (panic, power down, restart)."""
     assert a.console is not None
     kernel = KernelConsole()
-    control = a.control
-    kernel.on_panic_end = lambda: control.stop(
-        EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}"
-    )
-    control.kernel = kernel
+    kernel.on_panic_end = a.control.kernel_panicked
+    a.control.kernel = kernel
     a.console.line_watchers.append(kernel.line)
 
 

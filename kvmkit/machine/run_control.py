@@ -36,11 +36,17 @@ class RunControl:
         panic (then the reset or halt is the panic's), or a power-down."""
         kernel = self.kernel
         if kernel is not None and kernel.panic is not None:
-            self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {kernel.panic}")
+            self.kernel_panicked()
         elif kernel is not None and kernel.power_down and status == EXIT_OK:
             self.stop(EXIT_OK, "guest powered off")
         else:
             self.stop(status, reason)
+
+    def kernel_panicked(self) -> None:
+        """A Linux guest's kernel panicked (its console said so): the run ends with the
+        panic's message, whether the kernel then reboots or stops for good."""
+        panic = self.kernel.panic if self.kernel is not None else None
+        self.stop(EXIT_GUEST_CRASH, f"guest kernel panicked: {panic}")
 
     def guest_exit(self, value: int) -> None:
         """The debug-exit port: the guest's own status (a Linux guest's power-off with
