@@ -263,21 +263,19 @@ class DriveSpec:
             raise ConfigError(f"drive {self.drive_id}: {self.path} does not exist")
         if p.is_dir():
             raise ConfigError(f"drive {self.drive_id}: {self.path} is a directory: give a file")
-        flags = os.O_RDONLY if self.read_only else os.O_RDWR
-        try:  # opened to learn why not (EROFS, EACCES, ...); the device opens it again
-            os.close(os.open(p, flags | os.O_NONBLOCK | os.O_CLOEXEC))
-        except OSError as e:
-            how = "reading" if self.read_only else "reading and writing"
+        from kvmkit.devices.virtio.blk import open_backing  # only with a drive to check
+
+        try:  # opened now to say why not (EROFS, EACCES, ...); the device opens it again
+            fd, _ = open_backing(self.drive_id, self.path, self.read_only)
+        except ConfigError as e:
             fix = (
                 "give a file kvmkit can read"
                 if self.read_only
                 else "make the drive read-only (--drive ...,ro; is_read_only in the API) or"
                 " give a writable file"
             )
-            raise ConfigError(
-                f"drive {self.drive_id}: cannot open {self.path} for {how}:"
-                f" {e.strerror or e}; {fix}"
-            ) from None
+            raise ConfigError(f"{e}; {fix}") from None
+        os.close(fd)
         if self.cache not in ("unsafe", "writeback"):
             raise ConfigError(
                 f"drive {self.drive_id}: unknown cache type {self.cache!r}: choose unsafe or"

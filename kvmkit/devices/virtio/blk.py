@@ -101,9 +101,12 @@ class RequestError(Exception):
 
 
 def open_backing(drive_id: str, path: str, read_only: bool) -> tuple[int, int]:
-    """Open a drive's file; (fd, capacity in bytes, whole sectors)."""
+    """Open a drive's file; (fd, capacity in bytes, whole sectors). O_NONBLOCK: a FIFO
+    given as a disk is refused (it cannot be sized) instead of waiting for a writer; on
+    files and block devices it changes nothing."""
+    flags = os.O_RDONLY if read_only else os.O_RDWR
     try:
-        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"drive {drive_id}: cannot open {path}: {e.strerror}") from None
     try:
