@@ -258,10 +258,6 @@ class HttpServer(UnixListener):
         self.max_body = max_body
         self.app = app
 
-    def start(self) -> "HttpServer":
-        super().start()
-        return self
-
     def refuse(self, conn: socket.socket, message: str) -> None:
         with contextlib.suppress(OSError):
             conn.setblocking(False)

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 from kvmkit.errors import ConfigError
 from kvmkit.unix_socket import claim_unix_path
@@ -136,7 +137,7 @@ class UnixListener:
                 self._idle.notify_all()
 
     # -- accepting -----------------------------------------------------------------------
-    def start(self) -> "UnixListener":
+    def start(self) -> Self:
         self._thread.start()
         return self
 

@@ -93,10 +93,6 @@ class ApiServer(UnixListener):
         )
         self.machine = machine
 
-    def start(self) -> "ApiServer":
-        super().start()
-        return self
-
     def refuse(self, conn: socket.socket, message: str) -> None:
         """One line to a client that is not served, without waiting on it."""
         reply = {"ok": False, "error": message, "retry": True}

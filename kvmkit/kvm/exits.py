@@ -110,9 +110,9 @@ class ExitDecoder:
     def __init__(self, page: memoryview) -> None:
         self.page = page
         self._run = kvm_run.from_buffer(page)
-        unpack = functools.partial
-        self.io_fields: Callable[[], IoFields] = unpack(IO_STRUCT.unpack_from, page, IO_AT)
-        self.mmio_fields: Callable[[], MmioFields] = unpack(MMIO_STRUCT.unpack_from, page, MMIO_AT)
+        bind = functools.partial
+        self.io_fields: Callable[[], IoFields] = bind(IO_STRUCT.unpack_from, page, IO_AT)
+        self.mmio_fields: Callable[[], MmioFields] = bind(MMIO_STRUCT.unpack_from, page, MMIO_AT)
 
     def io(self) -> IoExit:
         out, size, port, count, offset = self.io_fields()
